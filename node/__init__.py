@@ -1,0 +1,1 @@
+"""cocoon-node: node package."""
