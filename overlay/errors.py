@@ -139,7 +139,7 @@ class StreamBroken(TransportError):
     """The peer vanished or reset the stream (trio's *Broken*)."""
 
 
-class TimeoutError_(TransportError):  # noqa: N801 - trailing underscore avoids the builtin
+class TimeoutError_(TransportError):
     """A bounded wait ran out."""
 
 

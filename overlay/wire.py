@@ -88,7 +88,7 @@ def field(
     max_len: int | None = None,
     max_items: int | None = None,
     default: object = attrs.NOTHING,
-) -> typing.Any:  # noqa: ANN401 - attrs.field returns Any by design
+) -> typing.Any:
     """An attrs field with wire limits: ``max_len`` for str/bytes, ``max_items`` for tuples."""
     meta: dict[str, int] = {}
     if max_len is not None:
