@@ -107,7 +107,7 @@ def message(tag: int) -> Callable[[type[_M]], type[_M]]:
     """Register an attrs class under ``tag``; use above ``@attrs.frozen``."""
 
     def register(cls: type[_M]) -> type[_M]:
-        if not attrs.has(cls):
+        if not attrs.has(typing.cast(type, cls)):
             raise TypeError(f"{cls.__name__} must be an attrs class")
         if not 0 < tag < 1 << 16:
             raise ValueError(f"tag {tag} out of range")
@@ -188,12 +188,12 @@ def _compile_type(tp: object, meta: dict[str, int], path: str) -> tuple[Encoder,
 
         return enc_opt, dec_opt
     if origin is tuple:
-        args = typing.get_args(tp)
-        if len(args) != 2 or args[1] is not Ellipsis:
+        targs = typing.get_args(tp)
+        if len(targs) != 2 or targs[1] is not Ellipsis:
             raise TypeError(f"{path}: only tuple[X, ...] is supported")
         limit = meta.get("max_items", MAX_ITEMS)
         inner_meta = {k: v for k, v in meta.items() if k != "max_items"}
-        ienc, idec = _compile_type(args[0], inner_meta, path + "[]")
+        ienc, idec = _compile_type(targs[0], inner_meta, path + "[]")
 
         def enc_seq(v: object) -> object:
             if not isinstance(v, tuple | list):
