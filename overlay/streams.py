@@ -37,6 +37,7 @@ from .framing import DEFAULT_MAX_FRAME, FrameDecoder, encode_frame
 __all__ = [
     "ByteStream",
     "FramedStream",
+    "MessageStream",
     "MemoryByteStream",
     "expect",
     "memory_stream_pair",
@@ -55,6 +56,24 @@ class ByteStream(Protocol):
     async def write(self, data: bytes) -> None: ...
 
     async def close(self) -> None: ...
+
+    async def reset(self) -> None: ...
+
+
+class MessageStream(Protocol):
+    """A duplex stream of wire messages: what services are written against.
+
+    :class:`FramedStream` is one; the confidential-compute layer wraps one in a
+    sealed stream with the same shape, so services never know the difference.
+    """
+
+    peer_id: str
+
+    async def send(self, msg: object) -> None: ...
+
+    async def receive(self) -> object | None: ...
+
+    async def aclose(self) -> None: ...
 
     async def reset(self) -> None: ...
 
