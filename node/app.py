@@ -1,0 +1,132 @@
+"""The node: one trio nursery holding the overlay, the control socket and the roles.
+
+A role (worker, proxy candidate, client, ...) is a :class:`Component`: it is
+started inside the node's nursery once the overlay is up, and contributes a
+section to ``cocoon-node status``.  ``NodeApp.run`` reports itself through
+``task_status`` when every component has started, so tests and the devnet can
+``await nursery.start(app.run)`` and use the node at once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Protocol
+
+import trio
+
+from overlay.host import Overlay, OverlaySettings, open_overlay
+from overlay.identity import Identity
+
+from .config import NodeConfig
+from .control import StatusReply, serve_control
+from .networks import Network
+
+__all__ = ["Component", "NodeApp"]
+
+log = logging.getLogger(__name__)
+
+
+class Component(Protocol):
+    """A role running inside the node."""
+
+    name: str
+
+    async def run(self, app: NodeApp, *, task_status: trio.TaskStatus[None] = ...) -> None: ...
+
+    def status_section(self) -> dict[str, object]: ...
+
+
+class NodeApp:
+    """One running node."""
+
+    def __init__(
+        self,
+        cfg: NodeConfig,
+        identity: Identity,
+        network: Network,
+        *,
+        roles: tuple[str, ...] = (),
+        components: tuple[Component, ...] = (),
+        bootstrap_override: tuple[str, ...] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.identity = identity
+        self.network = network
+        self.roles = roles
+        self.components = components
+        self._bootstrap_override = bootstrap_override
+        self._overlay: Overlay | None = None
+        self._started_at = 0.0
+
+    @property
+    def peer_id(self) -> str:
+        return self.identity.peer_id
+
+    @property
+    def overlay(self) -> Overlay:
+        if self._overlay is None:
+            raise RuntimeError("the node is not running")
+        return self._overlay
+
+    def overlay_settings(self) -> OverlaySettings:
+        o = self.cfg.overlay
+        if self._bootstrap_override is not None:
+            boot = self._bootstrap_override
+        else:
+            boot = tuple(dict.fromkeys(self.network.bootstrap + o.bootstrap))
+        return OverlaySettings(
+            listen_host=o.listen_host,
+            listen_port=o.listen_port,
+            bootstrap=tuple(b for b in boot if self.peer_id not in b),
+            dht_mode=o.dht_mode,
+            bootstrap_attempts=o.bootstrap_attempts,
+            max_frame=o.max_frame,
+            publish_rate=o.publish_rate,
+        )
+
+    async def run(self, *, task_status: trio.TaskStatus[NodeApp] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run until cancelled; ``task_status.started(self)`` once everything is up."""
+        async with open_overlay(self.identity, self.overlay_settings()) as ov:
+            self._overlay = ov
+            self._started_at = trio.current_time()
+            try:
+                async with trio.open_nursery() as nursery:
+                    if self.cfg.node.control:
+                        await nursery.start(serve_control, self.cfg.data_dir, self.status)
+                    for c in self.components:
+                        await nursery.start(c.run, self)
+                    log.info(
+                        "node up: %s roles=%s network=%s",
+                        ", ".join(ov.listen_addrs()),
+                        ",".join(self.roles) or "member",
+                        self.network.name,
+                        extra={"peer_id": self.peer_id},
+                    )
+                    task_status.started(self)
+                    await trio.sleep_forever()
+            finally:
+                self._overlay = None
+
+    def status(self) -> StatusReply:
+        ov = self.overlay
+        st = ov.statistics()
+        details = {c.name: c.status_section() for c in self.components}
+        details["overlay"] = {
+            "published": st.published,
+            "received": st.received,
+            "rejected": st.rejected,
+            "ignored": st.ignored,
+            "dropped": st.dropped,
+        }
+        return StatusReply(
+            peer_id=self.peer_id,
+            network=self.network.name,
+            roles=self.roles or ("member",),
+            addrs=tuple(ov.listen_addrs()),
+            peers=tuple(ov.connected_peers()),
+            routing_table_size=st.routing_table_size,
+            topics=st.topics,
+            uptime_s=trio.current_time() - self._started_at,
+            details_json=json.dumps(details, default=str),
+        )
