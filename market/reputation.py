@@ -7,7 +7,7 @@ counter decays exponentially with a half-life (default one hour), so old
 behaviour fades and a reformed worker recovers.
 
     success = (completed + a) / (completed + failed + a + b)     (a, b: prior, default 1, 1)
-    honesty = 1 - disputed_tokens / (receipted_tokens + t0)        (t0: prior token mass, 1000)
+    honesty = 1 - 2 x disputed_tokens / (receipted_tokens + t0)    (t0: prior token mass, 1000; >= 0)
     score   = success x honesty                                    in [0, 1]
 
 A worker never seen scores ``a / (a + b)`` (0.5 by default).  The book's
@@ -90,7 +90,7 @@ class Reputation:
         completed, failed = e.completed * f, e.failed * f
         success = (completed + a) / (completed + failed + a + b)
         disputed, receipted = e.disputed * f, e.receipted * f
-        honesty = 1.0 - min(1.0, disputed / (receipted + self.prior_tokens))
+        honesty = max(0.0, 1.0 - 2.0 * disputed / (receipted + self.prior_tokens))
         return max(0.0, min(1.0, success * honesty))
 
     def entry(self, peer_id: str) -> ReputationEntry | None:

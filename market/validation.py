@@ -93,7 +93,8 @@ class MarketLimits:
     """Bounds a record must respect; beyond them it is absurd (REJECT) or untimely (IGNORE)."""
 
     max_skew: float = 30.0  # s: records issued further in the future are ignored
-    max_lifetime: float = 900.0  # s: expires_at - issued_at above this is rejected
+    max_lifetime: float = 900.0  # s: an offer's or candidacy's expires_at - issued_at above this is rejected
+    max_verdict_lifetime: float = 86_400.0  # s: the same for attestation verdicts
     min_publish_interval: float = 10.0  # s: at most one offer per worker per interval
     max_price: int = 10**12  # nanoTON per token (1,000 TON): anything above is absurd
     max_capacity: int = 4096  # concurrent requests of one worker
@@ -154,11 +155,13 @@ def _finite(*values: float) -> bool:
     return all(isinstance(v, float | int) and math.isfinite(v) for v in values)
 
 
-def _check_times(issued_at: float, expires_at: float, now: float, limits: MarketLimits) -> Outcome | None:
+def _check_times(
+    issued_at: float, expires_at: float, now: float, limits: MarketLimits, max_lifetime: float | None = None
+) -> Outcome | None:
     """Schema problems -> REJECT; untimely -> IGNORE; fine -> None."""
     if not _finite(issued_at, expires_at) or expires_at <= issued_at:
         return _reject("bad validity window")
-    if expires_at - issued_at > limits.max_lifetime:
+    if expires_at - issued_at > (limits.max_lifetime if max_lifetime is None else max_lifetime):
         return _reject("lifetime over the limit")
     if issued_at > now + limits.max_skew:
         return _ignore("issued in the future")
@@ -363,7 +366,7 @@ def check_verdict(
         return _reject("bad key, signature or hash length")
     if v.status not in ("ok", "rejected") or v.tier not in TIERS:
         return _reject("bad status or tier")
-    timing = _check_times(v.verified_at, v.expires_at, now, limits)
+    timing = _check_times(v.verified_at, v.expires_at, now, limits, limits.max_verdict_lifetime)
     if timing is not None and timing.decision is Decision.REJECT:
         return timing
     if not peer_id_matches(rec):
