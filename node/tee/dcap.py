@@ -1,0 +1,163 @@
+"""The dcap-qvl bridge: collateral bundles and full TDX verification (TCB evaluation).
+
+dcap-qvl (Phala, Rust) checks the quote and QE signatures, the PCK chain to the
+root we hand it, both CRLs, the QE Identity and the TCB Info for the quote's
+FMSPC, all at an explicit ``now`` and offline.  It raises ``ValueError`` with a
+message; :func:`reason_of` maps the message to our stable reason codes with an
+ordered table (tested against real failures of the fixture quote).
+
+Collateral is gossiped as :class:`~node.tee.messages.CollateralBundle` and
+referenced from a report by SHA-256 of its JSON text; :class:`CollateralStore`
+is a bounded map from reference to parsed collateral.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import OrderedDict
+
+import attrs
+import dcap_qvl
+
+from overlay.errors import AttestationError
+
+from .messages import MAX_COLLATERAL, TeePolicy
+from .roots import TrustedRoot
+
+__all__ = ["Collateral", "CollateralStore", "DcapResult", "dcap_verify", "reason_of"]
+
+# (substring of dcap-qvl's message, reason); first match wins.
+_REASONS: tuple[tuple[str, str], ...] = (
+    ("Debug mode is enabled", "debug_enabled"),
+    ("CrlExpired", "collateral_expired"),
+    ("expired", "collateral_expired"),
+    ("in the future", "collateral_expired"),
+    ("Revoked", "revoked"),
+    ("revoked", "revoked"),
+    ("ISV enclave report signature is invalid", "bad_signature"),
+    ("Signature is invalid for qe_report", "bad_signature"),
+    ("QE report hash mismatch", "bad_signature"),
+    ("TCB status", "tcb_status"),
+    ("No matching TCB level", "tcb_status"),
+    ("eval data number", "tcb_status"),
+    ("advisor", "tcb_status"),
+    ("not allowed by policy", "platform_not_allowed"),
+    ("Failed to load root ca", "untrusted_root"),
+    ("Failed to verify certificate chain", "untrusted_root"),
+    ("UnknownIssuer", "untrusted_root"),
+    ("Failed to decode quote", "bad_format"),
+    ("Unsupported", "bad_format"),
+    ("Unknown QE vendor", "bad_format"),
+)
+
+
+def reason_of(message: str) -> str:
+    """Our reason code for a dcap-qvl error message (``collateral_invalid`` when nothing matches)."""
+    for needle, reason in _REASONS:
+        if needle in message:
+            return reason
+    return "collateral_invalid"
+
+
+@attrs.frozen
+class Collateral:
+    """One parsed collateral bundle."""
+
+    ref: bytes  # SHA-256 of the JSON text
+    json: str = attrs.field(repr=False)
+    parsed: dcap_qvl.QuoteCollateralV3 = attrs.field(eq=False, repr=False)
+
+    @classmethod
+    def from_json(cls, text: str) -> Collateral:
+        if len(text) > MAX_COLLATERAL:
+            raise AttestationError("oversized", f"collateral of {len(text)} characters")
+        try:
+            parsed = dcap_qvl.QuoteCollateralV3.from_json(text)
+        except (ValueError, TypeError) as e:
+            raise AttestationError("collateral_invalid", str(e).splitlines()[0]) from e
+        return cls(hashlib.sha256(text.encode()).digest(), text, parsed)
+
+
+class CollateralStore:
+    """Collateral by reference, least recently used evicted beyond ``capacity`` bundles."""
+
+    def __init__(self, capacity: int = 64) -> None:
+        self.capacity = capacity
+        self._items: OrderedDict[bytes, Collateral] = OrderedDict()
+
+    def add(self, text: str) -> bytes:
+        """Parse and keep a bundle; returns its reference.  Raises AttestationError if unparsable."""
+        coll = Collateral.from_json(text)
+        self._items[coll.ref] = coll
+        self._items.move_to_end(coll.ref)
+        while len(self._items) > self.capacity:
+            self._items.popitem(last=False)
+        return coll.ref
+
+    def get(self, ref: bytes) -> Collateral | None:
+        coll = self._items.get(ref)
+        if coll is not None:
+            self._items.move_to_end(ref)
+        return coll
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+@attrs.frozen
+class DcapResult:
+    status: str  # TCB status, e.g. "UpToDate"
+    advisory_ids: tuple[str, ...]
+    eval_data_number: int
+    expires_at: int  # seconds: earliest nextUpdate over the collateral used
+
+
+_verifiers: dict[bytes, dcap_qvl.QuoteVerifier] = {}
+
+
+def _verifier(root: TrustedRoot) -> dcap_qvl.QuoteVerifier:
+    v = _verifiers.get(root.der)
+    if v is None:
+        v = _verifiers[root.der] = dcap_qvl.QuoteVerifier(root.der)
+    return v
+
+
+def _quote_policy(policy: TeePolicy, now: int) -> dcap_qvl.QuotePolicy:
+    p = dcap_qvl.QuotePolicy.strict(now)
+    for status in policy.tcb_statuses:
+        if status != "UpToDate":
+            p = p.allow_status(status)
+    if policy.rejected_advisories:
+        p = p.reject_advisories(list(policy.rejected_advisories))
+    if policy.min_tcb_eval_number:
+        p = p.min_tcb_eval_data_number(policy.min_tcb_eval_number)
+    return (
+        p.allow_dynamic_platform(policy.allow_dynamic_platform)
+        .allow_cached_keys(policy.allow_cached_keys)
+        .allow_smt(policy.allow_smt)
+    )
+
+
+def dcap_verify(
+    raw: bytes, collateral: Collateral, root: TrustedRoot, policy: TeePolicy, now: int
+) -> DcapResult:
+    """Full verification of a raw quote under ``root`` at ``now``; raises AttestationError."""
+    try:
+        claims = _verifier(root).verify_with_policy(raw, collateral.parsed, now, _quote_policy(policy, now))
+        out = json.loads(claims.to_json())
+        tcb = out["tcb"]
+        result = DcapResult(
+            status=str(tcb["status"]),
+            advisory_ids=tuple(str(a) for a in tcb["advisory_ids"]),
+            eval_data_number=int(tcb["eval_data_number"]),
+            expires_at=min(
+                int(out["earliest_expiration_date"]), int(out["qe_iden_earliest_expiration_date"])
+            ),
+        )
+    except (ValueError, TypeError, KeyError) as e:
+        message = str(e)
+        raise AttestationError(reason_of(message), " ".join(message.split())[:300]) from e
+    if result.status not in policy.tcb_statuses:
+        raise AttestationError("tcb_status", f"TCB status {result.status} not in {list(policy.tcb_statuses)}")
+    return result

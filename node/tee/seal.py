@@ -1,0 +1,269 @@
+"""End-to-end sealing of a worker stream: HPKE request, AEAD-numbered chunks, a mandatory final.
+
+Pure core (no I/O, no clock)::
+
+    client                                               worker
+    secret <- 32 random bytes
+    SealedRequest(claims_hash,                     -->  keys = lookup(claims_hash)   (else "other claims")
+      HPKE(X25519, HKDF-SHA256, ChaCha20-Poly1305,      secret || request = HPKE.open(...)
+           pk = claims.enc_pk,
+           info = label || claims_hash,
+           pt = secret || pad(request)))
+    both sides: h = SHA-256(sealed);  k_c2s || n_c2s || k_s2c || n_s2c = HKDF-SHA256(secret, salt=h)
+    SealedChunk(seq, final, box)                  <->  box = ChaCha20-Poly1305(k_dir, n_dir XOR seq, pad(msg),
+                                                             aad = label || h[:16] || seq || final)
+
+Each direction's chunks are numbered from 0 and must arrive in order; a stream
+ends only with a chunk whose ``final`` flag (authenticated in the AAD) is set.
+So truncation (EOF without final), reordering or replay (wrong seq),
+splicing (another stream's keys and stream id), tampering (tag), and a request
+sealed to other claims (HPKE ``info``, unknown claims hash) all raise
+:class:`~overlay.errors.SealError`.  Messages are padded to 32-byte buckets
+(requests to 256) so chunk sizes leak less about tokens.
+
+Secrets come from the OS CSPRNG (``secrets``), never from an injected
+``random.Random``.  The trio shell is :class:`node.tee.stream.SealedStream`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import struct
+from collections import OrderedDict
+
+import attrs
+import msgpack
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes, hpke
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from overlay import wire
+from overlay.errors import SealError
+
+from .claims import EpochKeys, claims_hash
+from .messages import MAX_SEALED, Claims, SealedChunk, SealedRequest
+
+__all__ = [
+    "CHUNK_PAD",
+    "REQUEST_PAD",
+    "SUITE",
+    "ChunkCipher",
+    "ReplayGuard",
+    "Session",
+    "chunk_parts",
+    "decode_frame",
+    "encode_chunk",
+    "open_request",
+    "request_info",
+    "seal_request",
+]
+
+SUITE = hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.CHACHA20_POLY1305)
+REQUEST_INFO_LABEL = b"cocoon-node/seal/v1/request\x00"
+KEYS_LABEL = b"cocoon-node/seal/v1/stream-keys"
+CHUNK_AAD_LABEL = b"cocoon-node/seal/v1/chunk\x00"
+SECRET_LEN = 32
+REQUEST_PAD = 256  # bytes: request plaintext padded to a multiple of this
+CHUNK_PAD = 32  # bytes: chunk plaintext padded to a multiple of this
+_TAG_LEN = 16
+_MAX_SEQ = (1 << 63) - 1
+_CHUNK_TAG: int = SealedChunk.TAG  # type: ignore[attr-defined]
+_WIRE_VERSION = wire.WIRE_VERSION
+_SEQ_FINAL = struct.Struct(">QB").pack
+_packb = msgpack.Packer(use_bin_type=True, autoreset=True).pack
+
+
+def request_info(c_hash: bytes) -> bytes:
+    """HPKE ``info`` binding a request to one set of claims."""
+    return REQUEST_INFO_LABEL + c_hash
+
+
+def _pad(data: bytes, block: int) -> bytes:
+    n = len(data) + 1
+    return data + b"\x80" + bytes(-n % block)
+
+
+def _unpad(data: bytes) -> bytes:
+    stripped = data.rstrip(b"\x00")
+    if not stripped or stripped[-1] != 0x80:
+        raise SealError("bad padding")
+    return stripped[:-1]
+
+
+class ChunkCipher:
+    """One direction of a stream: seals (sender) or opens (receiver) numbered chunks.
+
+    ``seal``/``open`` work on :class:`SealedChunk`; ``seal_frame``/``open_frame``
+    are the same on encoded frames (the hot path of the stream shell).
+    """
+
+    __slots__ = ("_aad_prefix", "_base", "_decrypt", "_encrypt", "finished", "seq")
+
+    def __init__(self, key: bytes, nonce_base: bytes, stream_id: bytes) -> None:
+        aead = ChaCha20Poly1305(key)
+        self._encrypt = aead.encrypt
+        self._decrypt = aead.decrypt
+        self._base = int.from_bytes(nonce_base, "big")
+        self._aad_prefix = CHUNK_AAD_LABEL + stream_id
+        self.seq = 0  # next chunk number
+        self.finished = False  # the final chunk went through
+
+    def _box(self, payload: bytes, final: bool) -> tuple[int, bytes]:
+        if self.finished:
+            raise SealError("stream already finished")
+        seq = self.seq
+        if seq >= _MAX_SEQ:
+            raise SealError("chunk counter exhausted")
+        n = len(payload) + 1
+        box = self._encrypt(
+            (self._base ^ seq).to_bytes(12, "big"),
+            payload + b"\x80" + bytes(-n % CHUNK_PAD),
+            self._aad_prefix + _SEQ_FINAL(seq, final),
+        )
+        self.seq = seq + 1
+        self.finished = final
+        return seq, box
+
+    def seal(self, payload: bytes, *, final: bool = False) -> SealedChunk:
+        """The next chunk carrying ``payload`` (an encoded wire message, or b"" for a bare final)."""
+        seq, box = self._box(payload, final)
+        return SealedChunk(seq=seq, final=final, box=box)
+
+    def seal_frame(self, payload: bytes, *, final: bool = False) -> bytes:
+        """``encode_chunk(self.seal(payload, final=final))``, faster."""
+        seq, box = self._box(payload, final)
+        return _packb([_WIRE_VERSION, _CHUNK_TAG, [seq, final, box]])  # type: ignore[no-any-return]
+
+    def open_parts(self, seq: int, final: bool, box: bytes) -> bytes:
+        """The payload of the next chunk; any forged, replayed, reordered or spliced chunk raises."""
+        if self.finished:
+            raise SealError(f"chunk {seq} after the final chunk")
+        if seq != self.seq:
+            what = "replayed" if seq < self.seq else "missing or reordered"
+            raise SealError(f"chunk {seq} {what} (expected {self.seq})")
+        try:
+            padded = self._decrypt(
+                (self._base ^ seq).to_bytes(12, "big"), box, self._aad_prefix + _SEQ_FINAL(seq, final)
+            )
+        except InvalidTag:
+            raise SealError(f"chunk {seq} does not authenticate (forged or spliced)") from None
+        self.seq = seq + 1
+        self.finished = final
+        return _unpad(padded)
+
+    def open(self, chunk: SealedChunk) -> bytes:
+        return self.open_parts(chunk.seq, chunk.final, chunk.box)
+
+    def open_frame(self, payload: bytes) -> bytes | None:
+        """Open an encoded SealedChunk frame; None when ``payload`` is not one (caller decodes it)."""
+        parts = chunk_parts(payload)
+        return None if parts is None else self.open_parts(*parts)
+
+    def check_end(self) -> None:
+        """At end of stream: raise unless the final chunk arrived (truncation)."""
+        if not self.finished:
+            raise SealError(f"stream truncated after {self.seq} chunks: no final chunk")
+
+
+@attrs.frozen
+class Session:
+    """The two directions of one sealed stream."""
+
+    send: ChunkCipher
+    recv: ChunkCipher
+    stream_id: bytes  # SHA-256(sealed request)[:16]
+
+
+def _session(secret: bytes, sealed: bytes, *, client: bool) -> Session:
+    h = hashlib.sha256(sealed).digest()
+    okm = HKDF(algorithm=hashes.SHA256(), length=88, salt=h, info=KEYS_LABEL).derive(secret)
+    stream_id = h[:16]
+    c2s = ChunkCipher(okm[0:32], okm[32:44], stream_id)
+    s2c = ChunkCipher(okm[44:76], okm[76:88], stream_id)
+    return Session(send=c2s, recv=s2c, stream_id=stream_id) if client else Session(s2c, c2s, stream_id)
+
+
+def seal_request(claims: Claims, request: bytes) -> tuple[SealedRequest, Session]:
+    """Seal an encoded request to the claims' X25519 key; returns the frame and the client session."""
+    if len(claims.enc_pk) != 32:
+        raise SealError("claims hold no X25519 key")
+    c_hash = claims_hash(claims)
+    secret = secrets.token_bytes(SECRET_LEN)
+    try:
+        pk = X25519PublicKey.from_public_bytes(claims.enc_pk)
+        sealed = SUITE.encrypt(secret + _pad(request, REQUEST_PAD), pk, info=request_info(c_hash))
+    except ValueError as e:
+        raise SealError(f"cannot seal to this key: {e}") from e
+    if len(sealed) > MAX_SEALED:
+        raise SealError(f"request of {len(request)} bytes too large to seal")
+    return SealedRequest(claims_hash=c_hash, sealed=sealed), _session(secret, sealed, client=True)
+
+
+def open_request(request: SealedRequest, keys: EpochKeys) -> tuple[bytes, Session]:
+    """Open a request with the epoch keys its claims hash named; returns (request, worker session)."""
+    if request.claims_hash != keys.claims_hash:
+        raise SealError("request sealed to other claims")
+    return _open(request.sealed, keys.enc_key, keys.claims_hash)
+
+
+def _open(sealed: bytes, key: X25519PrivateKey, c_hash: bytes) -> tuple[bytes, Session]:
+    try:
+        plain = SUITE.decrypt(sealed, key, info=request_info(c_hash))
+    except (InvalidTag, ValueError):
+        raise SealError("request does not open with these claims' key") from None
+    if len(plain) < SECRET_LEN + 1:
+        raise SealError("request too short")
+    return _unpad(plain[SECRET_LEN:]), _session(plain[:SECRET_LEN], sealed, client=False)
+
+
+class ReplayGuard:
+    """Remembers the hashes of opened requests (LRU, ``capacity``) so a replayed one is refused."""
+
+    def __init__(self, capacity: int = 65536) -> None:
+        self.capacity = capacity
+        self._seen: OrderedDict[bytes, None] = OrderedDict()
+
+    def check(self, request: SealedRequest) -> None:
+        h = hashlib.sha256(request.sealed).digest()
+        if h in self._seen:
+            raise SealError("replayed request")
+        self._seen[h] = None
+        if len(self._seen) > self.capacity:
+            self._seen.popitem(last=False)
+
+
+# --------------------------------------------------------------------------- fast framing
+
+
+def encode_chunk(chunk: SealedChunk) -> bytes:
+    """``wire.encode(chunk)``, byte for byte, without the generic codec's per-field walk."""
+    return _packb([_WIRE_VERSION, _CHUNK_TAG, [chunk.seq, chunk.final, chunk.box]])  # type: ignore[no-any-return]
+
+
+_CHUNK_PREFIX = b"\x93\x01\xcd" + _CHUNK_TAG.to_bytes(2, "big") + b"\x93"
+
+
+def chunk_parts(payload: bytes) -> tuple[int, bool, bytes] | None:
+    """``(seq, final, box)`` if ``payload`` is a well-formed SealedChunk envelope, else None."""
+    if not payload.startswith(_CHUNK_PREFIX):
+        return None
+    try:
+        obj = msgpack.unpackb(payload, raw=False, use_list=False, max_map_len=0, max_ext_len=0)
+    except Exception:  # garbage after a matching prefix: the codec reports it
+        return None
+    seq, final, box = obj[2]
+    if type(seq) is int and 0 <= seq <= _MAX_SEQ and type(final) is bool and type(box) is bytes:
+        if len(box) <= MAX_SEALED:
+            return seq, final, box
+    return None
+
+
+def decode_frame(payload: bytes) -> object:
+    """Decode one frame of a sealed stream: a SealedChunk on the fast path, anything else via wire."""
+    parts = chunk_parts(payload)
+    if parts is not None:
+        return SealedChunk(seq=parts[0], final=parts[1], box=parts[2])
+    return wire.decode(payload)
