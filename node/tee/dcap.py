@@ -139,6 +139,18 @@ def _quote_policy(policy: TeePolicy, now: int) -> dcap_qvl.QuotePolicy:
     )
 
 
+def _diagnose(raw: bytes, collateral: Collateral, root: TrustedRoot, now: int, message: str) -> str:
+    """The policy API drops the cause of a chain failure (CrlExpired, revoked, unknown issuer);
+    the legacy API keeps it, so ask it again on that (rare, already failed) path."""
+    if reason_of(message) not in ("untrusted_root", "collateral_invalid"):
+        return message
+    try:
+        dcap_qvl.verify_with_root_ca(raw, collateral.parsed, root.der, now)
+    except ValueError as e:
+        return str(e)
+    return message
+
+
 def dcap_verify(
     raw: bytes, collateral: Collateral, root: TrustedRoot, policy: TeePolicy, now: int
 ) -> DcapResult:
@@ -156,7 +168,7 @@ def dcap_verify(
             ),
         )
     except (ValueError, TypeError, KeyError) as e:
-        message = str(e)
+        message = _diagnose(raw, collateral, root, now, str(e))
         raise AttestationError(reason_of(message), " ".join(message.split())[:300]) from e
     if result.status not in policy.tcb_statuses:
         raise AttestationError("tcb_status", f"TCB status {result.status} not in {list(policy.tcb_statuses)}")
