@@ -14,6 +14,12 @@ import attrs
 
 from overlay import wire
 
+
+def _w(max_len: int) -> dict[str, dict[str, int]]:
+    """Wire limits as attrs metadata (keeps mypy's attrs plugin exact)."""
+    return {"wire": {"max_len": max_len}}
+
+
 __all__ = [
     "ChannelRecord",
     "CommitProposal",
@@ -32,11 +38,11 @@ __all__ = [
 class PayState:
     """A party's cumulative outgoing state: ``sent`` nanoTON in total, at ``seqno``, signed."""
 
-    channel_id: bytes = wire.field(max_len=16)
+    channel_id: bytes = attrs.field(metadata=_w(16))
     party: int  # 0 = A, 1 = B: whose state this is
     seqno: int
     sent: int
-    signature: bytes = wire.field(max_len=64)
+    signature: bytes = attrs.field(metadata=_w(64))
 
 
 @wire.message(401)
@@ -44,7 +50,7 @@ class PayState:
 class CommitProposal:
     """A cooperative commit (``close`` False) or close proposal, signed by the proposer."""
 
-    channel_id: bytes = wire.field(max_len=16)
+    channel_id: bytes = attrs.field(metadata=_w(16))
     seqno_a: int
     seqno_b: int
     sent_a: int
@@ -52,7 +58,7 @@ class CommitProposal:
     withdraw_a: int  # cumulative withdrawals after the commit (ignored for a close)
     withdraw_b: int
     close: bool
-    signature: bytes = wire.field(max_len=64)
+    signature: bytes = attrs.field(metadata=_w(64))
 
 
 @wire.message(402)
@@ -60,9 +66,9 @@ class CommitProposal:
 class CommitSignature:
     """The counterparty's signature over the proposal's payload."""
 
-    channel_id: bytes = wire.field(max_len=16)
+    channel_id: bytes = attrs.field(metadata=_w(16))
     close: bool
-    signature: bytes = wire.field(max_len=64)
+    signature: bytes = attrs.field(metadata=_w(64))
 
 
 @wire.message(403)
@@ -70,15 +76,15 @@ class CommitSignature:
 class ChannelRecord:
     """Everything one side must keep about a channel (persisted before any message is sent)."""
 
-    channel_id: bytes = wire.field(max_len=16)
+    channel_id: bytes = attrs.field(metadata=_w(16))
     me: int
-    phase: str = wire.field(max_len=16)
+    phase: str = attrs.field(metadata=_w(16))
     own_seqno: int
     own_sent: int
-    own_sig: bytes = wire.field(max_len=64)
+    own_sig: bytes = attrs.field(metadata=_w(64))
     peer_seqno: int
     peer_sent: int
-    peer_sig: bytes = wire.field(max_len=64)
+    peer_sig: bytes = attrs.field(metadata=_w(64))
     deposit_a: int
     deposit_b: int
     withdrawn_a: int
@@ -97,9 +103,9 @@ class ChannelRecord:
 class SessionOpen:
     """The payer opens a metered session bound to an offer's prices."""
 
-    session_id: bytes = wire.field(max_len=32)
-    offer_id: bytes = wire.field(max_len=64)
-    channel_id: bytes = wire.field(max_len=16)
+    session_id: bytes = attrs.field(metadata=_w(32))
+    offer_id: bytes = attrs.field(metadata=_w(64))
+    channel_id: bytes = attrs.field(metadata=_w(16))
     price_prompt: int  # nanoTON per prompt token
     price_completion: int  # nanoTON per completion token
     prompt_tokens: int
@@ -109,7 +115,7 @@ class SessionOpen:
 @wire.message(421)
 @attrs.frozen
 class SessionAccept:
-    session_id: bytes = wire.field(max_len=32)
+    session_id: bytes = attrs.field(metadata=_w(32))
     receipt_every: int  # the worker signs a receipt every this many completion tokens
     credit_window: int  # unpaid completion tokens the worker streams before pausing
 
@@ -119,11 +125,11 @@ class SessionAccept:
 class Receipt:
     """The worker's signed count of completion tokens delivered so far in a session."""
 
-    session_id: bytes = wire.field(max_len=32)
+    session_id: bytes = attrs.field(metadata=_w(32))
     tokens: int  # cumulative completion tokens delivered
-    token_hash: bytes = wire.field(max_len=32)  # hash chain over the delivered token ids
+    token_hash: bytes = attrs.field(metadata=_w(32))  # hash chain over the delivered token ids
     final: bool
-    signature: bytes = wire.field(max_len=64)
+    signature: bytes = attrs.field(metadata=_w(64))
 
 
 @wire.message(423)
@@ -131,7 +137,7 @@ class Receipt:
 class SessionPayment:
     """A payment for a session: the payer pays for ``tokens`` completion tokens (cumulative)."""
 
-    session_id: bytes = wire.field(max_len=32)
+    session_id: bytes = attrs.field(metadata=_w(32))
     tokens: int  # completion tokens paid for, cumulative in the session
     amount: int  # nanoTON paid for this session so far (prompt + completion)
     state: PayState
@@ -140,5 +146,5 @@ class SessionPayment:
 @wire.message(424)
 @attrs.frozen
 class SessionClose:
-    session_id: bytes = wire.field(max_len=32)
-    reason: str = wire.field(max_len=64)
+    session_id: bytes = attrs.field(metadata=_w(32))
+    reason: str = attrs.field(metadata=_w(64))

@@ -131,7 +131,8 @@ async def test_commit_withdraws_then_cooperative_close_pays_exactly(world: World
     paid = await w.svc.transactions(w.wb.address(), before)
     assert [t.in_value for t in paid if t.in_op == C.Op.WITHDRAWN] == [700_000_000]
     await w.sync()
-    assert w.b.available() == 0 and w.b.unsettled() == 0
+    assert w.b.available() == 0
+    assert w.b.unsettled() == 0
     # The channel keeps working after the commit; then a cooperative close pays exact amounts.
     pay(w.a, w.b, 250_000_000)
     (prop,) = settle_effects(w.a, w.a.propose(close=True))
@@ -156,10 +157,14 @@ async def test_commit_withdraws_then_cooperative_close_pays_exactly(world: World
     assert to_b == [250_000_000]
     # A gets its balance plus what is left of the gas reserve, minus the gas of the externals.
     assert (
-        len(to_a) == 1 and 5 * TON - 950_000_000 - 20_000_000 < to_a[0] <= 5 * TON - 950_000_000 + 10_000_000
+        len(to_a) == 1
+    )
+    assert (
+        5 * TON - 950_000_000 - 20_000_000 < to_a[0] <= 5 * TON - 950_000_000 + 10_000_000
     )
     data = await w.ops_a.data()
-    assert data is not None and data.status is C.Status.CLOSED
+    assert data is not None
+    assert data.status is C.Status.CLOSED
     # a replay of the close, or any top-up, is refused forever
     again = await w.ops_a.submit(submit.body, via_wallet=True)
     assert again.exit_code == C.ExitCode.WRONG_STATUS
@@ -180,7 +185,9 @@ async def test_stale_uncooperative_close_is_challenged_and_fined(world: World) -
     tx = await w.ops_a.start_uncooperative_close(w.ka, stale_cell, None)
     assert (tx.exit_code, tx.success) == (0, True)
     data = await w.ops_b.data()
-    assert data is not None and data.status is C.Status.QUARANTINE and data.quarantine is not None
+    assert data is not None
+    assert data.status is C.Status.QUARANTINE
+    assert data.quarantine is not None
     assert data.quarantine.sent_a == 200_000_000
     # finishing before the quarantine is over is refused
     early = await w.ops_b.finish(via_wallet=True)
@@ -204,7 +211,8 @@ async def test_stale_uncooperative_close_is_challenged_and_fined(world: World) -
     ]
     assert to_b == [1 * TON + TON // 10]  # everything A sent, plus the fine
     data = await w.ops_b.data()
-    assert data is not None and data.status is C.Status.CLOSED
+    assert data is not None
+    assert data.status is C.Status.CLOSED
 
 
 async def test_challenge_after_quarantine_is_too_late(world: World) -> None:
@@ -281,4 +289,6 @@ async def test_bad_states_are_refused_by_core_and_contract(world: World) -> None
     tx = await w.ops_a._via_wallet(Builder().store_uint(0x12345678, 32).end_cell(), C.TOP_UP_GAS_RESERVE)
     assert tx.exit_code == C.ExitCode.UNKNOWN_OP
     data = await w.ops_a.data()
-    assert data is not None and data.status is C.Status.OPEN and data.deposit_a == 5 * TON
+    assert data is not None
+    assert data.status is C.Status.OPEN
+    assert data.deposit_a == 5 * TON

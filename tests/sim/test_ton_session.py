@@ -1,0 +1,211 @@
+"""Metered sessions over in-memory MessageStreams (direct and through a proxy), the credit
+window, and a crash in the middle of a payment update followed by a settlement on the local chain."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import trio
+
+from overlay.streams import FramedStream, memory_stream_pair
+from ton import contract as C
+from ton.channel import Channel, Persist, Send, Submit
+from ton.keys import KeyPair
+from ton.localchain import LocalChain
+from ton.localservice import LocalChainService
+from ton.messages import PayState, SessionOpen
+from ton.metering import MeterConfig, Prices
+from ton.onchain import ChannelOps
+from ton.session import ChannelShell, PayerSession, SessionAborted, WorkerSession, forward_session
+from ton.store import MemoryKVStore, SQLiteKVStore
+from ton.wallets import Wallet
+
+TON = 10**9
+KC, KP, KW = (KeyPair.from_seed(bytes([i]) * 32) for i in (1, 2, 3))
+
+
+def params(cid: int, a: KeyPair, b: KeyPair) -> C.ChannelParams:
+    return C.ChannelParams(cid, a.public, b.public, Wallet(a).address(), Wallet(b).address(), quarantine=60)
+
+
+def funded(cid: int, a: KeyPair, b: KeyPair, deposit: int = TON) -> tuple[ChannelShell, ChannelShell]:
+    p = params(cid, a, b)
+    data = C.ChannelData(C.Status.OPEN, cid, a.public, b.public, deposit, 0, 0, 0, 0, 0, 0, 0, 60, 1)
+    shells = []
+    for party, key in ((C.PARTY_A, a), (C.PARTY_B, b)):
+        core = Channel(p, party, key)
+        for e in core.sync_onchain(data, 0.0):
+            assert isinstance(e, Persist)
+            core.persisted(e.update_id)
+        shells.append(ChannelShell(core, MemoryKVStore()))
+    return shells[0], shells[1]
+
+
+def framed_pair() -> tuple[FramedStream, FramedStream]:
+    a, b = memory_stream_pair()
+    return FramedStream(a, peer_id="x"), FramedStream(b, peer_id="y")
+
+
+def open_msg(cid: int, prices: Prices, prompt: int = 20) -> SessionOpen:
+    return SessionOpen(
+        b"sess" * 4, b"offer", cid.to_bytes(16, "big"), prices.prompt, prices.completion, prompt, 512
+    )
+
+
+async def run_worker(ws: WorkerSession, tokens: trio.MemorySendChannel[list[int]], total: int) -> None:
+    await ws.accept()
+    async with trio.open_nursery() as n:
+        await n.start(ws.run_payments)
+        async with tokens:
+            for i in range(0, total, 4):
+                chunk = list(range(i, min(i + 4, total)))
+                await ws.produced(chunk)
+                await tokens.send(chunk)
+        await ws.finish()
+
+
+async def run_client(ps: PayerSession, tokens: trio.MemoryReceiveChannel[list[int]]) -> None:
+    await ps.start()
+    async with trio.open_nursery() as n:
+        await n.start(ps.run_receipts)
+        async for chunk in tokens:
+            await ps.received(chunk)
+        await ps.close()
+
+
+async def test_direct_session_pays_every_token_exactly() -> None:
+    prices = Prices(10, 1000)
+    client_ch, worker_ch = funded(1, KC, KW)
+    cs, wsx = framed_pair()
+    ps = PayerSession(cs, client_ch, open_msg(1, prices), KW.public)
+    ws = WorkerSession(wsx, worker_ch, KW)
+    send, recv = trio.open_memory_channel[list[int]](0)
+    with trio.fail_after(20):
+        async with trio.open_nursery() as n:
+            n.start_soon(run_worker, ws, send, 300)
+            n.start_soon(run_client, ps, recv)
+    due = prices.cost(20, 300)
+    assert client_ch.core.r.own_sent == due
+    assert worker_ch.core.r.peer_sent == due
+    assert ws.meter is not None
+    assert ws.meter.paid_tokens == 300
+    assert [r.tokens for r in ps.receipts] == [128, 256, 300]
+    assert ps.receipts[-1].final
+
+
+async def test_hub_session_forwards_payment_and_keeps_fee() -> None:
+    client_prices, worker_prices = Prices(11, 1100), Prices(10, 1000)
+    cp_client, cp_proxy = funded(2, KC, KP)
+    pw_proxy, pw_worker = funded(3, KP, KW)
+    c_side, p_client_side = framed_pair()
+    p_worker_side, w_side = framed_pair()
+    ps = PayerSession(c_side, cp_client, open_msg(2, client_prices), KW.public)
+    ws = WorkerSession(w_side, pw_worker, KW, forwarded=True)
+    send, recv = trio.open_memory_channel[list[int]](0)
+    result = {}
+
+    async def proxy() -> None:
+        result["fwd"] = await forward_session(p_client_side, p_worker_side, cp_proxy, pw_proxy, worker_prices)
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as n:
+            n.start_soon(proxy)
+            n.start_soon(run_worker, ws, send, 200)
+            n.start_soon(run_client, ps, recv)
+    assert cp_proxy.core.r.peer_sent == client_prices.cost(20, 200)
+    assert pw_worker.core.r.peer_sent == worker_prices.cost(20, 200)
+    assert result["fwd"].fee == client_prices.cost(20, 200) - worker_prices.cost(20, 200)
+
+
+async def test_worker_pauses_and_aborts_when_client_stops_paying() -> None:
+    prices = Prices(0, 1000)
+    client_ch, worker_ch = funded(4, KC, KW)
+    cs, wsx = framed_pair()
+    cfg = MeterConfig(credit_window=128, pause_timeout=0.3)
+    ps = PayerSession(cs, client_ch, open_msg(4, prices), KW.public)
+    ws = WorkerSession(wsx, worker_ch, KW, cfg)
+    send, recv = trio.open_memory_channel[list[int]](1000)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as n:
+            n.start_soon(ps.start)
+            await ws.accept()
+            await n.start(ws.run_payments)
+            with pytest.raises(SessionAborted):
+                for i in range(100):
+                    await ws.produced([i, i])
+                    await send.send([i, i])  # the client reads nothing and pays nothing
+            n.cancel_scope.cancel()
+    assert ws.meter is not None
+    assert ws.meter.sent == 128
+    assert recv.statistics().current_buffer_used == 64
+
+
+async def test_crash_mid_payment_update_then_settle_on_chain(tmp_path: Path) -> None:
+    """Crash before the persist completes and after it (before sending): after restarts the
+    payee settles exactly what it accepted, on the real contract."""
+    clock = [1_800_000_000.0]
+    svc = LocalChainService(LocalChain(), lambda: clock[0])
+    wc, ww = Wallet(KC), Wallet(KW)
+    for w in (wc, ww):
+        await svc.fund(w.address(), 50 * TON, w.state_init())
+    p = params(9, KC, KW)
+    ops_c, ops_w = ChannelOps(svc, wc, p), ChannelOps(svc, ww, p)
+    assert (await ops_c.top_up(C.PARTY_A, 2 * TON)).exit_code == 0
+    data = await svc.get_channel_state(p.address())
+    assert data is not None
+
+    def shell(party: int, key: KeyPair, path: Path) -> ChannelShell:
+        store = SQLiteKVStore(path)
+        blob = store.read("channel", (9).to_bytes(16, "big").hex())
+        core = Channel.restore(p, key, blob) if blob else Channel(p, party, key)
+        return ChannelShell(core, store)
+
+    async def sync(sh: ChannelShell) -> None:
+        d = await svc.get_channel_state(p.address())
+        assert d is not None
+        await sh.run(lambda: sh.core.sync_onchain(d, clock[0]))
+
+    client = shell(C.PARTY_A, KC, tmp_path / "c.sqlite")
+    worker = shell(C.PARTY_B, KW, tmp_path / "w.sqlite")
+    await sync(client)
+    await sync(worker)
+    for _ in range(3):
+        await worker.receive(await client.pay(10_000_000))
+
+    # crash 1: the disk write fails -> the signed state was never durable, never sent
+    class Failing(SQLiteKVStore):
+        def write(self, namespace: str, key: str, value: bytes) -> None:
+            raise OSError("disk gone")
+
+    client.store.close()  # type: ignore[attr-defined]
+    crashing = ChannelShell(client.core, Failing(tmp_path / "c.sqlite"))
+    with pytest.raises(OSError, match="disk gone"):
+        await crashing.pay(10_000_000)
+    assert crashing.core.r.own_sent == 30_000_000  # reloaded from the last durable record
+    crashing.store.close()  # type: ignore[attr-defined]
+    client = shell(C.PARTY_A, KC, tmp_path / "c.sqlite")
+    # crash 2: persisted, then the process dies before sending
+    st = await client.pay(20_000_000)
+    client.store.close()  # type: ignore[attr-defined]
+    client = shell(C.PARTY_A, KC, tmp_path / "c.sqlite")
+    (resend,) = client.core.resend()
+    assert isinstance(resend, Send)
+    assert resend.msg == st  # the same state, not a new one at the same seqno
+    assert isinstance(resend.msg, PayState)
+    await worker.receive(resend.msg)
+    await worker.receive(resend.msg)  # a duplicate after reconnect is a no-op
+    # the worker restarts too; nothing it accepted is lost
+    worker.store.close()  # type: ignore[attr-defined]
+    worker = shell(C.PARTY_B, KW, tmp_path / "w.sqlite")
+    assert worker.core.r.peer_sent == 50_000_000
+    # cooperative close on the real contract pays the worker exactly that
+    (prop,) = await client.run(lambda: client.core.propose(close=True))
+    (sig,) = await worker.run(lambda: worker.core.receive_proposal(prop.msg))  # type: ignore[attr-defined]
+    (submit,) = client.core.receive_signature(sig.msg)  # type: ignore[attr-defined]
+    assert isinstance(submit, Submit)
+    before = (await svc.get_account(ww.address())).last_lt
+    tx = await ops_w.submit(submit.body)
+    assert (tx.exit_code, tx.success) == (0, True)
+    paid = [t.in_value for t in await svc.transactions(ww.address(), before) if t.in_op == C.Op.CLOSED_PAYOUT]
+    assert paid == [50_000_000]

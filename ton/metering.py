@@ -1,0 +1,322 @@
+"""Per-token metering, pure cores: what is owed, when to pay, when to pause.
+
+Theory of operation. A session is bound to an offer's prices (nanoTON per prompt token and per
+completion token). The prompt is prepaid when the session opens. Then:
+
+- the worker (:class:`WorkerMeter`) counts completion tokens it streams, keeps a hash chain over
+  their ids and signs a :class:`Receipt` every ``receipt_every`` tokens and at the end. It streams
+  at most ``credit_window`` unpaid tokens: past it, it pauses (``may_send`` is False) and
+  ``tick`` aborts the session after ``pause_timeout`` seconds without payment;
+- the payer (:class:`PayerMeter`) counts tokens it actually received and pays (a
+  :class:`PayFor` effect) every ``pay_every_tokens`` tokens or ``pay_every_seconds`` seconds,
+  never for more tokens than it received. It checks receipts against its own count and hash
+  chain and aborts when the worker claims noticeably more than arrived;
+- a proxy (:class:`Forwarder`) pays the worker for what the client paid it, at the worker's
+  prices, and keeps the difference (its fee). It never pays before it is paid.
+
+Amounts are cumulative per session; the channel core turns them into channel states.
+Cores take ``now`` and never read a clock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import attrs
+
+from overlay import wire
+from overlay.errors import ChannelError
+
+from .keys import KeyPair, verify
+from .messages import Receipt, SessionPayment
+
+__all__ = [
+    "Abort",
+    "Forwarder",
+    "MeterConfig",
+    "MeteringError",
+    "PayFor",
+    "PayerMeter",
+    "Prices",
+    "SendReceipt",
+    "WorkerMeter",
+    "receipt_digest",
+    "sign_receipt",
+    "token_chain",
+]
+
+GENESIS = b"\x00" * 32
+
+
+class MeteringError(ChannelError):
+    """A metering message that breaks the session's rules (forged, inflated, out of order)."""
+
+
+@attrs.frozen
+class Prices:
+    prompt: int  # nanoTON per prompt token
+    completion: int  # nanoTON per completion token
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> int:
+        return prompt_tokens * self.prompt + completion_tokens * self.completion
+
+
+@attrs.frozen
+class MeterConfig:
+    receipt_every: int = 128  # completion tokens between worker receipts
+    pay_every_tokens: int = 32  # the payer signs a new state every this many tokens...
+    pay_every_seconds: float = 0.5  # ...or this often while tokens are unpaid
+    credit_window: int = 128  # unpaid tokens the worker streams before pausing
+    pause_timeout: float = 5.0  # seconds paused without payment before the worker aborts
+    idle_timeout: float = 10.0  # seconds without a token before the payer aborts
+    receipt_slack: int = 2  # a receipt may overtake its tokens by max(slack, 1 %, credit window)
+
+
+@attrs.frozen
+class PayFor:
+    """Pay ``amount`` more nanoTON now; afterwards the session has paid for ``tokens`` tokens."""
+
+    tokens: int
+    amount: int
+    total: int  # cumulative session amount after this payment
+
+
+@attrs.frozen
+class SendReceipt:
+    receipt: Receipt
+
+
+@attrs.frozen
+class Abort:
+    reason: str
+
+
+def token_chain(prev: bytes, token_ids: list[int] | tuple[int, ...]) -> bytes:
+    """Extend a hash chain over token ids."""
+    h = prev
+    for t in token_ids:
+        h = hashlib.blake2b(h + t.to_bytes(4, "big", signed=False), digest_size=32).digest()
+    return h
+
+
+def receipt_digest(r: Receipt) -> bytes:
+    body = attrs.evolve(r, signature=b"")
+    return hashlib.sha256(b"cocoon-receipt" + wire.encode(body)).digest()
+
+
+def sign_receipt(key: KeyPair, r: Receipt) -> Receipt:
+    return attrs.evolve(r, signature=key.sign(receipt_digest(r)))
+
+
+class WorkerMeter:
+    """The payee's meter for one session."""
+
+    def __init__(
+        self,
+        session_id: bytes,
+        prices: Prices,
+        prompt_tokens: int,
+        key: KeyPair,
+        cfg: MeterConfig,
+        now: float,
+    ) -> None:
+        self.session_id = session_id
+        self.prices = prices
+        self.prompt_tokens = prompt_tokens
+        self.key = key
+        self.cfg = cfg
+        self.sent = 0  # completion tokens streamed
+        self.paid_tokens = 0
+        self.paid_amount = 0
+        self.chain = GENESIS
+        self.last_receipt_at = 0
+        self.paused_since: float | None = None
+        self.last_payment_at = now
+        self.aborted = ""
+
+    @property
+    def prompt_paid(self) -> bool:
+        return self.paid_amount >= self.prices.cost(self.prompt_tokens, 0)
+
+    def may_send(self) -> int:
+        """How many more tokens may be streamed now (0: paused)."""
+        if self.aborted or not self.prompt_paid:
+            return 0
+        return max(0, self.paid_tokens + self.cfg.credit_window - self.sent)
+
+    def on_generated(self, token_ids: list[int], now: float) -> list[SendReceipt]:
+        if self.aborted:
+            raise MeteringError(f"session aborted: {self.aborted}")
+        if len(token_ids) > self.may_send():
+            raise MeteringError("streaming past the credit window")
+        self.chain = token_chain(self.chain, token_ids)
+        self.sent += len(token_ids)
+        out: list[SendReceipt] = []
+        if self.sent - self.last_receipt_at >= self.cfg.receipt_every:
+            out.append(SendReceipt(self._receipt(final=False)))
+        if self.may_send() == 0 and self.paused_since is None:
+            self.paused_since = now
+        return out
+
+    def finish(self) -> SendReceipt:
+        return SendReceipt(self._receipt(final=True))
+
+    def _receipt(self, *, final: bool) -> Receipt:
+        self.last_receipt_at = self.sent
+        return sign_receipt(self.key, Receipt(self.session_id, self.sent, self.chain, final, b""))
+
+    def on_payment(self, p: SessionPayment, received: int, now: float) -> None:
+        """``received`` is what the channel core credited for ``p.state`` (nanoTON)."""
+        if p.session_id != self.session_id:
+            raise MeteringError("payment for another session")
+        if p.tokens < self.paid_tokens or p.tokens > self.sent:
+            raise MeteringError(
+                f"payment claims {p.tokens} tokens; {self.sent} sent, {self.paid_tokens} paid"
+            )
+        if p.amount != self.prices.cost(self.prompt_tokens, p.tokens):
+            raise MeteringError("payment amount does not match the session's prices")
+        if received != p.amount - self.paid_amount:
+            raise MeteringError(f"channel credited {received}, session says {p.amount - self.paid_amount}")
+        self.paid_tokens, self.paid_amount = p.tokens, p.amount
+        self.last_payment_at = now
+        if self.may_send() > 0:
+            self.paused_since = None
+
+    def tick(self, now: float) -> list[Abort]:
+        if self.aborted:
+            return []
+        if self.paused_since is not None and now - self.paused_since >= self.cfg.pause_timeout:
+            self.aborted = "unpaid"
+            return [Abort("unpaid: credit window exhausted")]
+        return []
+
+
+class PayerMeter:
+    """The payer's meter for one session: pays only for tokens that arrived."""
+
+    def __init__(
+        self,
+        session_id: bytes,
+        prices: Prices,
+        prompt_tokens: int,
+        worker_key: bytes,
+        cfg: MeterConfig,
+        now: float,
+    ) -> None:
+        self.session_id = session_id
+        self.prices = prices
+        self.prompt_tokens = prompt_tokens
+        self.worker_key = worker_key
+        self.cfg = cfg
+        self.received = 0
+        self.paid_tokens = 0
+        self.paid_amount = 0
+        self.chains: list[bytes] = [GENESIS]  # chain value after each received token
+        self.last_pay_at = now
+        self.last_token_at = now
+        self.aborted = ""
+        self.ahead: Receipt | None = None  # a receipt for tokens not arrived yet (other stream)
+
+    def open(self) -> PayFor:
+        """The prompt, prepaid before prefill."""
+        total = self.prices.cost(self.prompt_tokens, 0)
+        self.paid_amount = total
+        self.last_pay_at = self.last_pay_at
+        return PayFor(0, total, total)
+
+    def _pay(self, now: float) -> list[PayFor | Abort]:
+        if self.received == self.paid_tokens:
+            return []
+        total = self.prices.cost(self.prompt_tokens, self.received)
+        delta = total - self.paid_amount
+        self.paid_tokens, self.paid_amount, self.last_pay_at = self.received, total, now
+        return [PayFor(self.received, delta, total)]
+
+    def on_tokens(self, token_ids: list[int], now: float) -> list[PayFor | Abort]:
+        if self.aborted:
+            return []
+        chain = self.chains[-1]
+        for t in token_ids:
+            chain = token_chain(chain, [t])
+            self.chains.append(chain)
+        self.received += len(token_ids)
+        self.last_token_at = now
+        out: list[PayFor | Abort] = []
+        if self.ahead is not None and self.ahead.tokens <= self.received:
+            r, self.ahead = self.ahead, None
+            out += self._judge(r)
+            if self.aborted:
+                return out
+        if self.received - self.paid_tokens >= self.cfg.pay_every_tokens:
+            out += self._pay(now)
+        return out
+
+    def tick(self, now: float) -> list[PayFor | Abort]:
+        if self.aborted:
+            return []
+        if now - self.last_token_at >= self.cfg.idle_timeout:
+            self.aborted = "idle"
+            return [Abort("no token for too long")]
+        if now - self.last_pay_at >= self.cfg.pay_every_seconds:
+            return self._pay(now)
+        return []
+
+    def close(self, now: float) -> list[PayFor | Abort]:
+        """Pay for everything received (end of stream)."""
+        if self.ahead is not None:
+            r, self.ahead = self.ahead, None
+            self.aborted = "inflated receipt"
+            return [Abort(f"receipt claims {r.tokens} tokens, {self.received} arrived")]
+        return self._pay(now)
+
+    def on_receipt(self, r: Receipt) -> list[PayFor | Abort]:
+        if r.session_id != self.session_id:
+            raise MeteringError("receipt for another session")
+        if not verify(self.worker_key, receipt_digest(r), r.signature):
+            raise MeteringError("receipt signature does not verify")
+        if r.tokens > self.received:
+            # Tokens and receipts travel on different streams: a receipt may overtake its
+            # tokens a little. Judge it when they arrive; far ahead (or never caught up): abort.
+            slack = max(self.cfg.receipt_slack, self.received // 100, self.cfg.credit_window)
+            if r.tokens > self.received + slack:
+                self.aborted = "inflated receipt"
+                return [Abort(f"receipt claims {r.tokens} tokens, {self.received} arrived")]
+            self.ahead = r
+            return []
+        return self._judge(r)
+
+    def _judge(self, r: Receipt) -> list[PayFor | Abort]:
+        if r.token_hash != self.chains[r.tokens]:
+            self.aborted = "receipt hash"
+            return [Abort("receipt hash chain does not match the tokens received")]
+        return []
+
+
+class Forwarder:
+    """A proxy's forwarding for one session: client pays at ``client_prices``, the worker is
+    paid at ``worker_prices`` for the same tokens; the difference is the proxy's fee."""
+
+    def __init__(self, client_prices: Prices, worker_prices: Prices, prompt_tokens: int) -> None:
+        if client_prices.prompt < worker_prices.prompt or client_prices.completion < worker_prices.completion:
+            raise MeteringError("the proxy would pay the worker more than the client pays it")
+        self.client_prices = client_prices
+        self.worker_prices = worker_prices
+        self.prompt_tokens = prompt_tokens
+        self.client_paid = 0
+        self.worker_paid = 0
+        self.tokens = -1
+
+    def on_client_payment(self, p: SessionPayment, received: int) -> PayFor:
+        expected = self.client_prices.cost(self.prompt_tokens, p.tokens)
+        if p.amount != expected or received != p.amount - self.client_paid or p.tokens < self.tokens:
+            raise MeteringError("client payment does not match the session's prices")
+        self.client_paid = p.amount
+        self.tokens = p.tokens
+        total = self.worker_prices.cost(self.prompt_tokens, p.tokens)
+        delta = total - self.worker_paid
+        self.worker_paid = total
+        return PayFor(p.tokens, delta, total)
+
+    @property
+    def fee(self) -> int:
+        return self.client_paid - self.worker_paid

@@ -1,0 +1,274 @@
+"""Metered sessions, the trio shell: channel cores and meters over MessageStreams.
+
+The payment stream carries, payer -> payee: SessionOpen, SessionPayment*, SessionClose;
+payee -> payer: SessionAccept, Receipt*. Tokens themselves travel on the inference stream
+(another package): the worker calls :meth:`WorkerSession.produced` before it sends each chunk
+(it blocks while the credit window is used up and raises when the payer stops paying); the
+client calls :meth:`PayerSession.received` for each chunk it got.
+
+:class:`ChannelShell` runs a channel core: under one lock it applies the core's effects in order,
+writing every Persist to the KVStore (fsync, in a worker thread) before anything is sent.
+A proxy runs :func:`forward_session` between a client's payment stream and a worker's.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+import trio
+
+from overlay.errors import ChannelError
+from overlay.streams import MessageStream, expect
+
+from .channel import Channel, Persist, Received, Send, Submit
+from .keys import KeyPair
+from .messages import PayState, Receipt, SessionAccept, SessionClose, SessionOpen, SessionPayment
+from .metering import Abort, Forwarder, MeterConfig, PayerMeter, PayFor, Prices, WorkerMeter
+from .store import KVStore
+
+__all__ = ["ChannelShell", "PayerSession", "SessionAborted", "WorkerSession", "forward_session"]
+
+log = logging.getLogger(__name__)
+TICK = 0.1  # seconds between meter ticks
+
+
+class SessionAborted(ChannelError):
+    """The metered session ended early (unpaid credit window, inflated receipt, idle stream)."""
+
+
+class ChannelShell:
+    """A channel core plus its store: effects are applied Persist-first, under one lock."""
+
+    def __init__(self, core: Channel, store: KVStore) -> None:
+        self.core = core
+        self.store = store
+        self.lock = trio.Lock()
+
+    async def _apply(self, effects: Sequence[object]) -> tuple[list[object], int]:
+        out: list[object] = []
+        received = 0
+        for e in effects:
+            if isinstance(e, Persist):
+                try:
+                    await trio.to_thread.run_sync(self.store.write, e.namespace, e.key, e.blob)
+                except BaseException:
+                    # The write may not have happened: reload what is durable and stop here.
+                    blob = self.store.read(e.namespace, e.key)
+                    if blob is not None:
+                        self.core = Channel.restore(
+                            self.core.params, self.core.key, blob, policy=self.core.policy
+                        )
+                    raise
+                self.core.persisted(e.update_id)
+            elif isinstance(e, Received):
+                received += e.amount
+            else:
+                out.append(e)
+        return out, received
+
+    async def pay(self, amount: int) -> PayState:
+        async with self.lock:
+            out, _ = await self._apply(self.core.pay(amount))
+        (send,) = out
+        assert isinstance(send, Send)
+        assert isinstance(send.msg, PayState)
+        return send.msg
+
+    async def receive(self, st: PayState) -> int:
+        async with self.lock:
+            _, received = await self._apply(self.core.receive_state(st))
+        return received
+
+    async def run(self, effects_fn: Callable[[], Sequence[object]]) -> list[object]:
+        """Run a core call (e.g. ``lambda: core.propose(close=True)``) and apply its effects."""
+        async with self.lock:
+            out, _ = await self._apply(effects_fn())
+        return out
+
+    async def submit_body(self, effects: list[object]) -> list[Submit]:
+        return [e for e in effects if isinstance(e, Submit)]
+
+
+class PayerSession:
+    """The client (or proxy) side of one metered session."""
+
+    def __init__(
+        self,
+        stream: MessageStream,
+        channel: ChannelShell,
+        open_msg: SessionOpen,
+        worker_key: bytes,
+        cfg: MeterConfig | None = None,
+        clock: Callable[[], float] = trio.current_time,
+    ) -> None:
+        self.stream = stream
+        self.channel = channel
+        self.open_msg = open_msg
+        self.clock = clock
+        prices = Prices(open_msg.price_prompt, open_msg.price_completion)
+        self.meter = PayerMeter(
+            open_msg.session_id, prices, open_msg.prompt_tokens, worker_key, cfg or MeterConfig(), clock()
+        )
+        self.receipts: list[Receipt] = []
+        self.aborted: str = ""
+
+    async def start(self) -> SessionAccept:
+        await self.stream.send(self.open_msg)
+        msg = await self.stream.receive()
+        accept = expect(SessionAccept, msg)
+        await self._pay(self.meter.open())
+        return accept
+
+    async def _pay(self, p: PayFor) -> None:
+        if p.amount <= 0:
+            return
+        st = await self.channel.pay(p.amount)
+        await self.stream.send(SessionPayment(self.open_msg.session_id, p.tokens, p.total, st))
+
+    async def _handle(self, effects: list[PayFor | Abort]) -> None:
+        for e in effects:
+            if isinstance(e, Abort):
+                self.aborted = e.reason
+                raise SessionAborted(e.reason)
+            await self._pay(e)
+
+    async def received(self, token_ids: list[int]) -> None:
+        await self._handle(self.meter.on_tokens(token_ids, self.clock()))
+
+    async def run_receipts(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Read receipts until the stream ends; tick the meter meanwhile."""
+        task_status.started()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._ticker)
+            while True:
+                msg = await self.stream.receive()
+                if msg is None:
+                    break
+                r = expect(Receipt, msg)
+                await self._handle(self.meter.on_receipt(r))
+                self.receipts.append(r)
+                if r.final:
+                    break
+            nursery.cancel_scope.cancel()
+
+    async def _ticker(self) -> None:
+        while True:
+            await trio.sleep(TICK)
+            await self._handle(self.meter.tick(self.clock()))
+
+    async def close(self) -> None:
+        """Pay for every token received, then end the session."""
+        await self._handle(self.meter.close(self.clock()))
+        await self.stream.send(SessionClose(self.open_msg.session_id, "done"))
+
+
+class WorkerSession:
+    """The worker side of one metered session."""
+
+    def __init__(
+        self,
+        stream: MessageStream,
+        channel: ChannelShell,
+        key: KeyPair,
+        cfg: MeterConfig | None = None,
+        clock: Callable[[], float] = trio.current_time,
+        *,
+        forwarded: bool = False,
+    ) -> None:
+        self.stream = stream
+        self.channel = channel
+        self.key = key
+        self.cfg = cfg or MeterConfig()
+        self.clock = clock
+        self.forwarded = forwarded
+        self.meter: WorkerMeter | None = None
+        self._paid = trio.Event()
+        self.closed = trio.Event()
+
+    async def accept(self) -> SessionOpen:
+        msg = expect(SessionOpen, await self.stream.receive())
+        prices = Prices(msg.price_prompt, msg.price_completion)
+        self.meter = WorkerMeter(msg.session_id, prices, msg.prompt_tokens, self.key, self.cfg, self.clock())
+        await self.stream.send(SessionAccept(msg.session_id, self.cfg.receipt_every, self.cfg.credit_window))
+        return msg
+
+    async def run_payments(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Read payments until the payer closes the session."""
+        assert self.meter is not None
+        task_status.started()
+        while True:
+            msg = await self.stream.receive()
+            if msg is None or isinstance(msg, SessionClose):
+                break
+            p = expect(SessionPayment, msg)
+            received = await self.channel.receive(p.state)
+            self.meter.on_payment(p, received, self.clock())
+            self._paid.set()
+            self._paid = trio.Event()
+        self.closed.set()
+
+    async def produced(self, token_ids: list[int]) -> None:
+        """Call before streaming ``token_ids``: waits while the credit window is used up."""
+        m = self.meter
+        assert m is not None
+        while m.may_send() < len(token_ids):
+            if m.aborted:
+                raise SessionAborted(m.aborted)
+            if m.paused_since is None:
+                m.paused_since = self.clock()
+            wait = m.paused_since + self.cfg.pause_timeout - self.clock()
+            with trio.move_on_after(max(0.0, min(wait, TICK))):
+                await self._paid.wait()
+            for a in m.tick(self.clock()):
+                raise SessionAborted(a.reason)
+        for r in m.on_generated(token_ids, self.clock()):
+            await self.stream.send(r.receipt)
+
+    async def finish(self) -> None:
+        assert self.meter is not None
+        await self.stream.send(self.meter.finish().receipt)
+
+
+async def forward_session(
+    client_stream: MessageStream,
+    worker_stream: MessageStream,
+    client_channel: ChannelShell,
+    worker_channel: ChannelShell,
+    worker_prices: Prices,
+) -> Forwarder:
+    """A proxy's half of a hub session: relays open/accept/receipts, forwards payments minus fee."""
+    open_msg = expect(SessionOpen, await client_stream.receive())
+    client_prices = Prices(open_msg.price_prompt, open_msg.price_completion)
+    fwd = Forwarder(client_prices, worker_prices, open_msg.prompt_tokens)
+    to_worker = SessionOpen(
+        open_msg.session_id, open_msg.offer_id, worker_channel.core.cid,
+        worker_prices.prompt, worker_prices.completion, open_msg.prompt_tokens, open_msg.max_tokens,
+    )  # fmt: skip
+    await worker_stream.send(to_worker)
+    await client_stream.send(expect(SessionAccept, await worker_stream.receive()))
+
+    async def receipts() -> None:
+        while True:
+            msg = await worker_stream.receive()
+            if msg is None:
+                return
+            r = expect(Receipt, msg)
+            await client_stream.send(r)
+            if r.final:
+                return
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(receipts)
+        while True:
+            msg = await client_stream.receive()
+            if msg is None or isinstance(msg, SessionClose):
+                await worker_stream.send(SessionClose(open_msg.session_id, "client closed"))
+                break
+            p = expect(SessionPayment, msg)
+            received = await client_channel.receive(p.state)
+            out = fwd.on_client_payment(p, received)
+            if out.amount > 0:
+                st = await worker_channel.pay(out.amount)
+                await worker_stream.send(SessionPayment(open_msg.session_id, out.tokens, out.total, st))
+    return fwd
