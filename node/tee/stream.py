@@ -27,7 +27,7 @@ import trio
 
 from overlay import wire
 from overlay.errors import DecodeError, RemoteError, SealError, StreamBroken
-from overlay.streams import FramedStream
+from overlay.streams import FramedStream, MessageStream
 
 from .claims import EpochKeys
 from .messages import Claims, SealedRequest
@@ -47,6 +47,7 @@ class SealedStream:
         self, framed: FramedStream, *, claims: Claims | None = None, session: Session | None = None
     ) -> None:
         self.framed = framed
+        self.peer_id: str = framed.peer_id
         self._claims = claims
         self._session = session
         self._first: object | None = None
@@ -57,10 +58,6 @@ class SealedStream:
         self._got_chunk = False
         self._final_sent = False
         self._dead = False
-
-    @property
-    def peer_id(self) -> str:
-        return self.framed.peer_id
 
     @property
     def stream_id(self) -> bytes:
@@ -178,3 +175,7 @@ class SealedStream:
         if msg is None:
             raise StopAsyncIteration
         return msg
+
+
+def _is_message_stream(stream: SealedStream) -> MessageStream:
+    return stream  # mypy checks that SealedStream satisfies the MessageStream protocol
