@@ -245,7 +245,7 @@ class PayerMeter:
         if self.ahead is not None and self.ahead.tokens <= self.received:
             r, self.ahead = self.ahead, None
             out += self._judge(r)
-            if self.aborted:
+            if out:  # the receipt did not match: aborted
                 return out
         if self.received - self.paid_tokens >= self.cfg.pay_every_tokens:
             out += self._pay(now)
