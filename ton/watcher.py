@@ -65,7 +65,8 @@ class Watcher:
             return None
         now = await self.chain.now()
         ch = self.shell.core
-        await self.shell.run(lambda: ch.sync_onchain(data, float(now)))
+        seen = data
+        await self.shell.run(lambda: ch.sync_onchain(seen, float(now)))
         action = decide(data, self.shell.core, now)
         if action is None:
             return None
@@ -83,9 +84,10 @@ class Watcher:
         if tx.exit_code != 0:
             raise ChainError(f"{action.kind} refused by the contract with exit code {tx.exit_code}")
         self.actions.append((action, tx))
-        data = await self.chain.get_channel_state(self.ops.address)
-        if data is not None:
-            await self.shell.run(lambda: self.shell.core.sync_onchain(data, float(now)))
+        after = await self.chain.get_channel_state(self.ops.address)
+        if after is not None:
+            core = self.shell.core
+            await self.shell.run(lambda: core.sync_onchain(after, float(now)))
         return action
 
     async def run(self, interval: float | None = None) -> None:
