@@ -1,0 +1,164 @@
+"""The Engine protocol every inference backend implements, and its typed errors.
+
+::
+
+    engine = TorchEngine(path)            # or ExLlamaV2Engine, or select_engine(...)
+    info = await engine.load()            # -> ModelInfo
+    async with aclosing(engine.generate_stream(request)) as chunks:
+        async for chunk in chunks:        # TokenChunk*, then one FinalChunk
+            ...
+    await engine.cancel(request_id)       # from anywhere; the stream ends with reason "cancelled"
+    engine.stats()                        # -> EngineStats snapshot
+    await engine.close()
+
+Billing invariant (every engine, checked by the contract tests): the
+``token_ids`` of all chunks of one generation add up to the final chunk's
+``completion_tokens``; a terminating stop token is counted (and sent in the
+final chunk's ``token_ids``) but never rendered as text.  Leaving the
+iterator early cancels the generation and frees its cache.
+
+Errors raised by ``generate_stream`` before the first chunk are
+:class:`~overlay.errors.BadRequest` subclasses carrying a stable ``code``
+(the ErrorFrame code the service sends).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator
+from typing import ClassVar, Protocol
+
+import attrs
+
+from overlay.errors import BadRequest, InferenceError
+
+from .messages import Chunk, GenerateRequest
+
+__all__ = [
+    "ContextLengthExceeded",
+    "Engine",
+    "EngineStats",
+    "InvalidSampling",
+    "MalformedRequest",
+    "MaxTokensTooLarge",
+    "ModelInfo",
+    "Overloaded",
+    "UnknownModel",
+    "check_request",
+    "error_code",
+]
+
+
+class UnknownModel(BadRequest):
+    code: ClassVar[str] = "unknown_model"
+
+
+class ContextLengthExceeded(BadRequest):
+    code: ClassVar[str] = "context_length_exceeded"
+
+
+class MaxTokensTooLarge(BadRequest):
+    code: ClassVar[str] = "max_tokens_too_large"
+
+
+class InvalidSampling(BadRequest):
+    code: ClassVar[str] = "invalid_sampling"
+
+
+class MalformedRequest(BadRequest):
+    code: ClassVar[str] = "bad_request"
+
+
+class Overloaded(InferenceError):
+    """Too many requests are queued; try another worker."""
+
+    code: ClassVar[str] = "overloaded"
+
+
+def error_code(exc: BaseException) -> str:
+    """The stable ErrorFrame code for an exception (``internal`` for anything unexpected)."""
+    code = getattr(type(exc), "code", None)
+    if isinstance(code, str):
+        return code
+    if isinstance(exc, BadRequest):
+        return "bad_request"
+    return "internal"
+
+
+@attrs.frozen
+class ModelInfo:
+    """What a loaded engine serves."""
+
+    model_id: str
+    engine: str  # "cpu" | "exllamav2"
+    path: str
+    format: str  # "hf" | "gguf" | "exl2"
+    n_params: int
+    vocab_size: int
+    context_length: int  # tokens: prompt + completion per request
+    max_tokens: int  # the largest max_tokens a request may ask for
+    max_batch: int  # requests decoded together
+    chat: bool  # a chat template is available
+    weights: str  # "int8" | "fp32" | "fp16" | "exl2"
+    load_s: float
+
+
+@attrs.frozen
+class EngineStats:
+    """A snapshot of an engine's load and counters."""
+
+    running: int  # requests holding a cache slot
+    waiting: int  # requests queued for a slot
+    paused: int  # running requests held back because their reader is slow
+    free_slots: int
+    completed: int
+    cancelled: int
+    failed: int
+    prompt_tokens: int
+    completion_tokens: int
+    steps: int  # forward passes run
+
+
+class Engine(Protocol):
+    """An inference backend; see the module docstring for the contract."""
+
+    async def load(self) -> ModelInfo: ...
+
+    def generate_stream(self, request: GenerateRequest) -> AsyncIterator[Chunk]: ...
+
+    async def cancel(self, request_id: str) -> bool: ...
+
+    def stats(self) -> EngineStats: ...
+
+    async def close(self) -> None: ...
+
+
+_MAX_TEMPERATURE = 5.0
+_MAX_SEED = (1 << 63) - 1
+
+
+def check_request(req: GenerateRequest, *, vocab_size: int, max_tokens: int) -> None:
+    """Shape and sampling checks that need no tokenizer; raises a BadRequest subclass."""
+    if not req.request_id:
+        raise MalformedRequest("request_id must not be empty")
+    if (req.prompt is None) == (not req.messages):
+        raise MalformedRequest("exactly one of prompt / messages must be set")
+    for m in req.messages:
+        if m.role not in ("system", "user", "assistant", "tool"):
+            raise MalformedRequest(f"unknown chat role {m.role!r}")
+    if req.max_tokens < 1:
+        raise MaxTokensTooLarge(f"max_tokens must be at least 1, got {req.max_tokens}")
+    if req.max_tokens > max_tokens:
+        raise MaxTokensTooLarge(f"max_tokens {req.max_tokens} over this worker's limit of {max_tokens}")
+    if not (math.isfinite(req.temperature) and 0.0 <= req.temperature <= _MAX_TEMPERATURE):
+        raise InvalidSampling(f"temperature must be in [0, {_MAX_TEMPERATURE}], got {req.temperature}")
+    if not (math.isfinite(req.top_p) and 0.0 < req.top_p <= 1.0):
+        raise InvalidSampling(f"top_p must be in (0, 1], got {req.top_p}")
+    if not 0 <= req.top_k <= vocab_size:
+        raise InvalidSampling(f"top_k must be in [0, {vocab_size}], got {req.top_k}")
+    if req.seed is not None and not 0 <= req.seed <= _MAX_SEED:
+        raise InvalidSampling(f"seed must be in [0, 2**63), got {req.seed}")
+    if any(not s for s in req.stop):
+        raise InvalidSampling("stop strings must not be empty")
+    if any(not 0 <= t < vocab_size for t in req.stop_token_ids):
+        raise InvalidSampling(f"stop_token_ids must be in [0, {vocab_size})")
