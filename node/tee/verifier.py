@@ -287,7 +287,7 @@ class Verifier:
             model_hash=v.claims.model_hash,
             epoch=v.claims.epoch,
             verified_at=now,
-            expires_at=min(v.expires_at, 1e15),
+            expires_at=v.expires_at,
         )
 
     # ---- internals
