@@ -63,6 +63,7 @@ class LocalChain:
         self._store = store
         self.accounts: dict[str, Cell] = {}
         self.txs: dict[str, list[TxInfo]] = {}
+        self.tx_cells: dict[str, list[Cell]] = {}  # full transactions of this run (not persisted)
         self.lt = 1_000_000
         self.offset = 0  # seconds added to the wall clock
         self.last_now = 0
@@ -209,6 +210,7 @@ class LocalChain:
                 log.warning("message to %s dropped by the emulator: %s", addr, res[:200])
                 continue
             new_accounts[addr] = res.shard_account
+            self.tx_cells.setdefault(addr, []).append(res.transaction)
             info = _tx_info(addr, res, msg, now, is_ext)
             results.append(info)
             for out in res.out_messages:
