@@ -31,6 +31,7 @@ from .keys import KeyPair, verify
 from .messages import Receipt, SessionPayment
 
 __all__ = [
+    "DEFAULT_PRICES",
     "Abort",
     "Forwarder",
     "MeterConfig",
@@ -59,6 +60,9 @@ class Prices:
 
     def cost(self, prompt_tokens: int, completion_tokens: int) -> int:
         return prompt_tokens * self.prompt + completion_tokens * self.completion
+
+
+DEFAULT_PRICES = Prices(prompt=250, completion=1_000)  # nanoTON per token: 1 TON per 1M completion tokens
 
 
 @attrs.frozen

@@ -156,12 +156,8 @@ async def test_commit_withdraws_then_cooperative_close_pays_exactly(world: World
     ]
     assert to_b == [250_000_000]
     # A gets its balance plus what is left of the gas reserve, minus the gas of the externals.
-    assert (
-        len(to_a) == 1
-    )
-    assert (
-        5 * TON - 950_000_000 - 20_000_000 < to_a[0] <= 5 * TON - 950_000_000 + 10_000_000
-    )
+    assert len(to_a) == 1
+    assert 5 * TON - 950_000_000 - 20_000_000 < to_a[0] <= 5 * TON - 950_000_000 + 10_000_000
     data = await w.ops_a.data()
     assert data is not None
     assert data.status is C.Status.CLOSED

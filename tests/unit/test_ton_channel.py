@@ -25,8 +25,9 @@ DEP_A, DEP_B = 1_000_000, 200_000
 
 def chain_data(**kw: int) -> C.ChannelData:
     base = dict(
-        status=C.Status.OPEN, channel_id=42, key_a=KA.public, key_b=KB.public, deposit_a=DEP_A, deposit_b=DEP_B,
-        withdrawn_a=0, withdrawn_b=0, sent_a=0, sent_b=0, seqno_a=0, seqno_b=0, quarantine_duration=3600, fine=1,
+        status=C.Status.OPEN, channel_id=42, key_a=KA.public, key_b=KB.public, deposit_a=DEP_A,
+        deposit_b=DEP_B, withdrawn_a=0, withdrawn_b=0, sent_a=0, sent_b=0, seqno_a=0, seqno_b=0,
+        quarantine_duration=3600, fine=1,
     )  # fmt: skip
     base.update(kw)
     return C.ChannelData(**base)  # type: ignore[arg-type]

@@ -37,7 +37,12 @@ def test_recompiling_the_source_gives_the_committed_code() -> None:
         if r.returncode != 0:
             pytest.skip(f"npm ci failed (offline?): {r.stderr[-300:]!r}")
     out = subprocess.run(
-        ["node", "build.js", "--check"], cwd=CONTRACT_DIR, capture_output=True, text=True, timeout=120, check=True
+        ["node", "build.js", "--check"],
+        cwd=CONTRACT_DIR,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
     )
     fresh = json.loads(out.stdout.strip().splitlines()[-1])
     assert fresh["codeHashHex"] == C.channel_code().hash.hex().upper()
@@ -60,7 +65,9 @@ def test_fast_state_hash_matches_pytoniq(channel_id: int, party: int, seqno: int
 
 
 @given(u128, u64, u64, coins, coins, coins, coins)
-def test_fast_commit_hash_matches_pytoniq(cid: int, sa: int, sb: int, a: int, b: int, wa: int, wb: int) -> None:
+def test_fast_commit_hash_matches_pytoniq(
+    cid: int, sa: int, sb: int, a: int, b: int, wa: int, wb: int
+) -> None:
     body = C.coop_commit_body(cid, sa, sb, a, b, wa, wb, b"\0" * 64, b"\0" * 64)
     assert body.refs[2].hash == C.commit_payload_hash(cid, sa, sb, a, b, wa, wb)
     close = C.coop_close_body(cid, sa, sb, a, b, b"\0" * 64, b"\0" * 64)
