@@ -19,7 +19,7 @@ import functools
 import logging
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from pathlib import Path
 
 import torch
@@ -159,7 +159,7 @@ class TorchEngine:
             raise InferenceError("engine not loaded")
         return self._sched
 
-    async def generate_stream(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
+    async def generate_stream(self, request: GenerateRequest) -> AsyncGenerator[Chunk, None]:
         sched = self._scheduler()
         sched.submit(request, time.monotonic())
         rid = request.request_id

@@ -25,7 +25,7 @@ Errors raised by ``generate_stream`` before the first chunk are
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import ClassVar, Protocol
 
 import attrs
@@ -124,7 +124,7 @@ class Engine(Protocol):
 
     async def load(self) -> ModelInfo: ...
 
-    def generate_stream(self, request: GenerateRequest) -> AsyncIterator[Chunk]: ...
+    def generate_stream(self, request: GenerateRequest) -> AsyncGenerator[Chunk, None]: ...
 
     async def cancel(self, request_id: str) -> bool: ...
 

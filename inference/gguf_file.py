@@ -138,7 +138,10 @@ class GGUFFile:
         self.tensors = tensors
 
     def close(self) -> None:
-        self._buf.close()
+        try:
+            self._buf.close()
+        except BufferError:  # a caller still holds a raw() view; the mapping goes with it
+            pass
 
     def __enter__(self) -> GGUFFile:
         return self

@@ -73,7 +73,7 @@ def write_tiny_model(
     vocab_size: int = 400,
     rope_theta: float = 10000.0,
     dtype: torch.dtype = torch.float32,
-    tie_word_embeddings: bool = True,
+    tie_word_embeddings: bool = False,
 ) -> Path:
     """Write a tiny Llama model directory and return its path."""
     out = Path(directory)
