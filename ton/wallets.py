@@ -11,6 +11,7 @@ local clock.
 from __future__ import annotations
 
 import enum
+from pathlib import Path
 
 import attrs
 from pytoniq.contract.contract import Contract
@@ -21,7 +22,7 @@ from pytoniq_core.boc.cell import Cell
 from pytoniq_core.tlb.account import StateInit
 from pytoniq_core.tlb.custom.wallet import WalletMessage
 
-from .keys import KeyPair
+from .keys import KeyPair, keypair_from_mnemonic, load_or_create_mnemonic
 
 __all__ = [
     "MAINNET_GLOBAL_ID",
@@ -30,6 +31,7 @@ __all__ = [
     "Wallet",
     "WalletVersion",
     "internal_message",
+    "wallet_from_data_dir",
 ]
 
 MAINNET_GLOBAL_ID = -239
@@ -160,3 +162,13 @@ class Wallet:
         )
         cell: Cell = msg.serialize()
         return cell
+
+
+def wallet_from_data_dir(
+    data_dir: Path,
+    version: WalletVersion = WalletVersion.V5R1,
+    network_global_id: int = MAINNET_GLOBAL_ID,
+) -> Wallet:
+    """The node's wallet: its mnemonic lives in ``data_dir/wallet.mnemonic`` (created, 0600)."""
+    words = load_or_create_mnemonic(data_dir / "wallet.mnemonic")
+    return Wallet(keypair_from_mnemonic(words), version, network_global_id)
