@@ -3,7 +3,7 @@
 Keys look like ``/<namespace>/<rest>``; a namespace must be registered with a
 validator before any record in it is stored or accepted (``strict_validation``).
 py-libp2p 0.8.1 ignores ``protocol_prefix`` (bug B8), so
-:func:`install_private_protocol` rewrites the module constants to
+``patches.apply_libp2p_fixes`` rewrites the module constants to
 ``/cocoon/kad/1.0.0`` before any DHT is built: our nodes never talk to the
 public IPFS DHT and it never talks to them.
 """
@@ -17,24 +17,14 @@ import attrs
 import trio
 
 from .errors import OverlayError, RecordRejected
+from .patches import KAD_PROTOCOL
 
-__all__ = ["KAD_PROTOCOL", "DhtFacade", "ProviderRecord", "install_private_protocol"]
+__all__ = ["KAD_PROTOCOL", "DhtFacade", "ProviderRecord"]
 
 log = logging.getLogger(__name__)
-KAD_PROTOCOL = "/cocoon/kad/1.0.0"
 RecordCheck = Callable[[str, bytes], bool]
 RecordSelect = Callable[[str, list[bytes]], int]
 _QUERY_TIMEOUT_S = 20.0
-
-
-def install_private_protocol() -> None:
-    """Point every py-libp2p Kademlia module at our protocol id (idempotent)."""
-    from libp2p.custom_types import TProtocol
-    from libp2p.kad_dht import common, kad_dht, peer_routing, provider_store, value_store
-
-    proto = TProtocol(KAD_PROTOCOL)
-    for mod in (common, kad_dht, peer_routing, provider_store, value_store):
-        mod.PROTOCOL_ID = proto  # type: ignore[attr-defined]
 
 
 @attrs.frozen

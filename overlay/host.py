@@ -33,10 +33,11 @@ from libp2p.abc import INetConn, INetStream, INetwork, INotifee
 from libp2p.pubsub.pubsub import Pubsub
 from multiaddr import Multiaddr
 
-from .dht import DhtFacade, install_private_protocol
+from .dht import DhtFacade
 from .errors import DialError, NodeError, TimeoutError_
 from .gossip import PeerPenalties, PublishPacer, Validation
 from .identity import Identity
+from .patches import apply_libp2p_fixes
 from .streams import FramedStream
 
 __all__ = [
@@ -480,7 +481,7 @@ async def open_overlay(identity: Identity, settings: OverlaySettings | None = No
     from multiaddr import Multiaddr
 
     settings = settings or OverlaySettings()
-    install_private_protocol()
+    apply_libp2p_fixes()
     _tame_library_logs()
     ov = Overlay(identity, settings)
     listen = Multiaddr(f"/ip4/{settings.listen_host}/tcp/{settings.listen_port}")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from typing import Protocol, TypeVar
 
 import trio
@@ -32,10 +33,11 @@ from .errors import (
     StreamClosed,
     TimeoutError_,
 )
-from .framing import DEFAULT_MAX_FRAME, FrameDecoder, encode_frame
+from .framing import DEFAULT_MAX_FRAME, Coalescer, FrameDecoder, encode_frame
 
 __all__ = [
     "ByteStream",
+    "CoalescingWriter",
     "FramedStream",
     "MessageStream",
     "MemoryByteStream",
@@ -202,6 +204,77 @@ class FramedStream:
             await self.send(msg)
             return await self.receive_as(response)
         raise TimeoutError_(f"no answer from {self.peer_id or 'peer'} within {timeout} s")
+
+
+class CoalescingWriter:
+    """Sends small items (tokens) so that items arriving within ``max_delay`` share one frame.
+
+    ``await put(item)`` queues an item (backpressure: at most ``buffer`` queued);
+    :meth:`run` (start it in a nursery) takes whatever is queued, waits up to
+    ``max_delay`` for more (or until ``max_items``), and sends one frame made by
+    ``pack(items)``.  ``aclose()`` flushes what is left and ends ``run``.
+    """
+
+    def __init__(
+        self,
+        stream: FramedStream,
+        pack: Callable[[list[bytes]], bytes],
+        *,
+        max_delay: float = 0.002,
+        max_items: int = 64,
+        buffer: int = 256,
+    ) -> None:
+        self.stream = stream
+        self.pack = pack
+        self.max_items = max_items
+        self._policy = Coalescer(max_delay, max_items)
+        self._send, self._recv = trio.open_memory_channel[bytes](buffer)
+        self.frames_sent = 0
+        self.items_sent = 0
+
+    async def put(self, item: bytes) -> None:
+        await self._send.send(item)
+
+    async def aclose(self) -> None:
+        await self._send.aclose()
+
+    async def run(self) -> None:
+        async with self._recv:
+            while True:
+                try:
+                    first = await self._recv.receive()
+                except trio.EndOfChannel:
+                    return
+                batch = [first]
+                flush = self._policy.add(trio.current_time())
+                closed = False
+                while not flush:
+                    try:
+                        batch.append(self._recv.receive_nowait())
+                        flush = self._policy.add(trio.current_time())
+                        continue
+                    except trio.WouldBlock:
+                        pass
+                    except trio.EndOfChannel:
+                        closed = True
+                        break
+                    deadline = self._policy.deadline()
+                    assert deadline is not None
+                    with trio.move_on_at(deadline):
+                        try:
+                            batch.append(await self._recv.receive())
+                        except trio.EndOfChannel:
+                            closed = True
+                            break
+                        flush = self._policy.add(trio.current_time())
+                        continue
+                    flush = True
+                self._policy.flushed()
+                await self.stream.send_raw(self.pack(batch))
+                self.frames_sent += 1
+                self.items_sent += len(batch)
+                if closed:
+                    return
 
 
 def expect(cls: type[_M], msg: object) -> _M:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import attrs
 import pytest
 import trio
+import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -18,7 +19,7 @@ from overlay.errors import (
     TimeoutError_,
 )
 from overlay.framing import Coalescer, FrameDecoder, encode_frame, uvarint
-from overlay.streams import FramedStream, expect, memory_stream_pair
+from overlay.streams import CoalescingWriter, FramedStream, expect, memory_stream_pair
 
 
 @wire.message(92)
@@ -146,3 +147,27 @@ async def test_request_times_out_typed() -> None:
     fa = FramedStream(a, peer_id="slow")
     with trio.fail_after(5), pytest.raises(TimeoutError_):
         await fa.request(_Ping(1), _Ping, timeout=0.05)
+
+
+async def test_coalescing_writer_batches_close_items(autojump_clock: trio.testing.MockClock) -> None:
+    a, b = memory_stream_pair()
+    writer = CoalescingWriter(FramedStream(a), b"|".join, max_delay=0.002, max_items=4)
+    reader = FramedStream(b)
+    async with trio.open_nursery() as n:
+        n.start_soon(writer.run)
+        for t in (b"a", b"b", b"c"):  # arrive together: one frame
+            await writer.put(t)
+        await trio.sleep(0.01)
+        for t in (b"d", b"e", b"f", b"g", b"h"):  # more than max_items: two frames
+            await writer.put(t)
+        await trio.sleep(0.01)
+        await writer.put(b"i")
+        await writer.aclose()  # flushes the last item
+    frames = []
+    while (f := await reader.receive_raw()) is not None:
+        frames.append(f)
+        if f.endswith(b"i"):
+            break
+    assert frames == [b"a|b|c", b"d|e|f|g", b"h", b"i"]
+    assert writer.items_sent == 9
+    assert writer.frames_sent == 4
