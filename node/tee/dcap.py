@@ -13,12 +13,14 @@ is a bounded map from reference to parsed collateral.
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 from collections import OrderedDict
 
 import attrs
 import dcap_qvl
+from cryptography import x509
 
 from overlay.errors import AttestationError
 
@@ -62,11 +64,13 @@ def reason_of(message: str) -> str:
 
 @attrs.frozen
 class Collateral:
-    """One parsed collateral bundle."""
+    """One parsed collateral bundle, with the figures our policy needs read once."""
 
     ref: bytes  # SHA-256 of the JSON text
     json: str = attrs.field(repr=False)
     parsed: dcap_qvl.QuoteCollateralV3 = attrs.field(eq=False, repr=False)
+    eval_number: int  # TCB Info tcbEvaluationDataNumber
+    expires_at: int  # seconds: earliest nextUpdate / notAfter over TCB Info, QE Identity, CRLs, chains
 
     @classmethod
     def from_json(cls, text: str) -> Collateral:
@@ -74,9 +78,28 @@ class Collateral:
             raise AttestationError("oversized", f"collateral of {len(text)} characters")
         try:
             parsed = dcap_qvl.QuoteCollateralV3.from_json(text)
-        except (ValueError, TypeError) as e:
-            raise AttestationError("collateral_invalid", str(e).splitlines()[0]) from e
-        return cls(hashlib.sha256(text.encode()).digest(), text, parsed)
+            doc = json.loads(text)
+            tcb_info = json.loads(doc["tcb_info"])
+            qe_identity = json.loads(doc["qe_identity"])
+            limits = [_unix(tcb_info["nextUpdate"]), _unix(qe_identity["nextUpdate"])]
+            for crl in ("pck_crl", "root_ca_crl"):
+                next_update = x509.load_der_x509_crl(bytes.fromhex(doc[crl])).next_update_utc
+                if next_update is None:
+                    raise ValueError(f"{crl} has no nextUpdate")
+                limits.append(int(next_update.timestamp()))
+            for chain in ("pck_crl_issuer_chain", "tcb_info_issuer_chain", "qe_identity_issuer_chain"):
+                for cert in x509.load_pem_x509_certificates(doc[chain].encode()):
+                    limits.append(int(cert.not_valid_after_utc.timestamp()))
+            eval_number = int(tcb_info["tcbEvaluationDataNumber"])
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            raise AttestationError("collateral_invalid", str(e).splitlines()[0][:200]) from e
+        return cls(hashlib.sha256(text.encode()).digest(), text, parsed, eval_number, min(limits))
+
+
+def _unix(stamp: object) -> int:
+    if not isinstance(stamp, str):
+        raise ValueError("timestamp is not a string")
+    return int(datetime.datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp())
 
 
 class CollateralStore:
@@ -154,22 +177,47 @@ def _diagnose(raw: bytes, collateral: Collateral, root: TrustedRoot, now: int, m
 def dcap_verify(
     raw: bytes, collateral: Collateral, root: TrustedRoot, policy: TeePolicy, now: int
 ) -> DcapResult:
-    """Full verification of a raw quote under ``root`` at ``now``; raises AttestationError."""
+    """Full verification of a raw quote under ``root`` at ``now``; raises AttestationError.
+
+    When the policy allows every platform flag (the default), dcap-qvl's one-shot
+    ``verify_with_root_ca`` does the work and we apply the TCB rules ourselves
+    (faster: no policy object, no claims JSON); otherwise its ``QuotePolicy``
+    enforces the flags too.
+    """
     try:
-        claims = _verifier(root).verify_with_policy(raw, collateral.parsed, now, _quote_policy(policy, now))
-        out = json.loads(claims.to_json())
-        tcb = out["tcb"]
-        result = DcapResult(
-            status=str(tcb["status"]),
-            advisory_ids=tuple(str(a) for a in tcb["advisory_ids"]),
-            eval_data_number=int(tcb["eval_data_number"]),
-            expires_at=min(
-                int(out["earliest_expiration_date"]), int(out["qe_iden_earliest_expiration_date"])
-            ),
-        )
+        if policy.allow_dynamic_platform and policy.allow_cached_keys and policy.allow_smt:
+            report = dcap_qvl.verify_with_root_ca(raw, collateral.parsed, root.der, now)
+            result = DcapResult(
+                status=str(report.status),
+                advisory_ids=tuple(str(a) for a in report.advisory_ids),
+                eval_data_number=collateral.eval_number,
+                expires_at=collateral.expires_at,
+            )
+        else:
+            claims = _verifier(root).verify_with_policy(
+                raw, collateral.parsed, now, _quote_policy(policy, now)
+            )
+            out = json.loads(claims.to_json())
+            tcb = out["tcb"]
+            result = DcapResult(
+                status=str(tcb["status"]),
+                advisory_ids=tuple(str(a) for a in tcb["advisory_ids"]),
+                eval_data_number=int(tcb["eval_data_number"]),
+                expires_at=min(
+                    int(out["earliest_expiration_date"]), int(out["qe_iden_earliest_expiration_date"])
+                ),
+            )
     except (ValueError, TypeError, KeyError) as e:
         message = _diagnose(raw, collateral, root, now, str(e))
         raise AttestationError(reason_of(message), " ".join(message.split())[:300]) from e
     if result.status not in policy.tcb_statuses:
         raise AttestationError("tcb_status", f"TCB status {result.status} not in {list(policy.tcb_statuses)}")
+    rejected = set(result.advisory_ids) & set(policy.rejected_advisories)
+    if rejected:
+        raise AttestationError("tcb_status", f"advisories {sorted(rejected)} are rejected by policy")
+    if result.eval_data_number < policy.min_tcb_eval_number:
+        raise AttestationError(
+            "tcb_status",
+            f"TCB evaluation data number {result.eval_data_number} < {policy.min_tcb_eval_number}",
+        )
     return result

@@ -27,6 +27,7 @@ Secrets come from the OS CSPRNG (``secrets``), never from an injected
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import secrets
 import struct
@@ -72,7 +73,6 @@ _TAG_LEN = 16
 _MAX_SEQ = (1 << 63) - 1
 _CHUNK_TAG: int = SealedChunk.TAG  # type: ignore[attr-defined]
 _WIRE_VERSION = wire.WIRE_VERSION
-_SEQ_FINAL = struct.Struct(">QB").pack
 _packb = msgpack.Packer(use_bin_type=True, autoreset=True).pack
 
 
@@ -84,6 +84,10 @@ def request_info(c_hash: bytes) -> bytes:
 def _pad(data: bytes, block: int) -> bytes:
     n = len(data) + 1
     return data + b"\x80" + bytes(-n % block)
+
+
+#: The padding after a chunk payload of length n: 0x80 then zeros up to the next multiple of CHUNK_PAD.
+_PADS = tuple(b"\x80" + bytes(-(n + 1) % CHUNK_PAD) for n in range(CHUNK_PAD))
 
 
 def _unpad(data: bytes) -> bytes:
@@ -100,14 +104,15 @@ class ChunkCipher:
     are the same on encoded frames (the hot path of the stream shell).
     """
 
-    __slots__ = ("_aad_prefix", "_base", "_decrypt", "_encrypt", "finished", "seq")
+    __slots__ = ("_aad", "_base", "_decrypt", "_encrypt", "finished", "seq")
 
     def __init__(self, key: bytes, nonce_base: bytes, stream_id: bytes) -> None:
         aead = ChaCha20Poly1305(key)
         self._encrypt = aead.encrypt
         self._decrypt = aead.decrypt
         self._base = int.from_bytes(nonce_base, "big")
-        self._aad_prefix = CHUNK_AAD_LABEL + stream_id
+        prefix = CHUNK_AAD_LABEL + stream_id
+        self._aad = functools.partial(struct.Struct(f">{len(prefix)}sQ?").pack, prefix)  # (seq, final) -> AAD
         self.seq = 0  # next chunk number
         self.finished = False  # the final chunk went through
 
@@ -117,11 +122,10 @@ class ChunkCipher:
         seq = self.seq
         if seq >= _MAX_SEQ:
             raise SealError("chunk counter exhausted")
-        n = len(payload) + 1
         box = self._encrypt(
             (self._base ^ seq).to_bytes(12, "big"),
-            payload + b"\x80" + bytes(-n % CHUNK_PAD),
-            self._aad_prefix + _SEQ_FINAL(seq, final),
+            payload + _PADS[len(payload) % CHUNK_PAD],
+            self._aad(seq, final),
         )
         self.seq = seq + 1
         self.finished = final
@@ -135,7 +139,7 @@ class ChunkCipher:
     def seal_frame(self, payload: bytes, *, final: bool = False) -> bytes:
         """``encode_chunk(self.seal(payload, final=final))``, faster."""
         seq, box = self._box(payload, final)
-        return _packb([_WIRE_VERSION, _CHUNK_TAG, [seq, final, box]])  # type: ignore[no-any-return]
+        return _frame(seq, final, box)
 
     def open_parts(self, seq: int, final: bool, box: bytes) -> bytes:
         """The payload of the next chunk; any forged, replayed, reordered or spliced chunk raises."""
@@ -145,20 +149,21 @@ class ChunkCipher:
             what = "replayed" if seq < self.seq else "missing or reordered"
             raise SealError(f"chunk {seq} {what} (expected {self.seq})")
         try:
-            padded = self._decrypt(
-                (self._base ^ seq).to_bytes(12, "big"), box, self._aad_prefix + _SEQ_FINAL(seq, final)
-            )
+            padded = self._decrypt((self._base ^ seq).to_bytes(12, "big"), box, self._aad(seq, final))
         except InvalidTag:
             raise SealError(f"chunk {seq} does not authenticate (forged or spliced)") from None
         self.seq = seq + 1
         self.finished = final
-        return _unpad(padded)
+        stripped = padded.rstrip(b"\x00")
+        if stripped[-1:] != b"\x80":
+            raise SealError("bad padding")
+        return stripped[:-1]
 
     def open(self, chunk: SealedChunk) -> bytes:
         return self.open_parts(chunk.seq, chunk.final, chunk.box)
 
     def open_frame(self, payload: bytes) -> bytes | None:
-        """Open an encoded SealedChunk frame; None when ``payload`` is not one (caller decodes it)."""
+        """Open an encoded SealedChunk frame; None when ``payload`` is not one in shortest form."""
         parts = chunk_parts(payload)
         return None if parts is None else self.open_parts(*parts)
 
@@ -240,25 +245,64 @@ class ReplayGuard:
 
 def encode_chunk(chunk: SealedChunk) -> bytes:
     """``wire.encode(chunk)``, byte for byte, without the generic codec's per-field walk."""
-    return _packb([_WIRE_VERSION, _CHUNK_TAG, [chunk.seq, chunk.final, chunk.box]])  # type: ignore[no-any-return]
+    return _frame(chunk.seq, chunk.final, chunk.box)
 
 
-_CHUNK_PREFIX = b"\x93\x01\xcd" + _CHUNK_TAG.to_bytes(2, "big") + b"\x93"
+# A SealedChunk envelope is msgpack [1, 321, [seq, final, box]]; msgpack's shortest forms, by hand:
+# prefix | seq (fixint, or 0xcc/0xcd/0xce/0xcf + big-endian) | 0xc2/0xc3 | 0xc4/0xc5/0xc6 + length | box.
+_CHUNK_PREFIX = b"\x93" + _packb(_WIRE_VERSION) + _packb(_CHUNK_TAG) + b"\x93"
+_P = len(_CHUNK_PREFIX)
+_FIXINTS = tuple(bytes((i,)) for i in range(0x80))
+_CC, _CD, _CE, _CF = (struct.Struct(f">B{c}").pack for c in "BHIQ")
+_UINT_FORMS = {
+    0xCC: struct.Struct(">B"),
+    0xCD: struct.Struct(">H"),
+    0xCE: struct.Struct(">I"),
+    0xCF: struct.Struct(">Q"),
+}
+_BIN_FORMS = {0xC4: struct.Struct(">B"), 0xC5: struct.Struct(">H"), 0xC6: struct.Struct(">I")}
+_FLAGS = (b"\xc2", b"\xc3")
+
+
+def _frame(seq: int, final: bool, box: bytes) -> bytes:
+    if seq < 0x80:
+        s = _FIXINTS[seq]
+    elif seq <= 0xFF:
+        s = _CC(0xCC, seq)
+    elif seq <= 0xFFFF:
+        s = _CD(0xCD, seq)
+    elif seq <= 0xFFFFFFFF:
+        s = _CE(0xCE, seq)
+    else:
+        s = _CF(0xCF, seq)
+    n = len(box)
+    b = _CC(0xC4, n) if n <= 0xFF else _CD(0xC5, n) if n <= 0xFFFF else _CE(0xC6, n)
+    return b"".join((_CHUNK_PREFIX, s, _FLAGS[final], b, box))
 
 
 def chunk_parts(payload: bytes) -> tuple[int, bool, bytes] | None:
-    """``(seq, final, box)`` if ``payload`` is a well-formed SealedChunk envelope, else None."""
-    if not payload.startswith(_CHUNK_PREFIX):
+    """``(seq, final, box)`` if ``payload`` is a SealedChunk envelope in shortest msgpack form, else None."""
+    if payload[:_P] != _CHUNK_PREFIX:
         return None
     try:
-        obj = msgpack.unpackb(payload, raw=False, use_list=False, max_map_len=0, max_ext_len=0)
-    except Exception:  # garbage after a matching prefix: the codec reports it
+        tag = payload[_P]
+        if tag < 0x80:
+            seq, pos = tag, _P + 1
+        else:
+            form = _UINT_FORMS[tag]
+            seq = form.unpack_from(payload, _P + 1)[0]
+            pos = _P + 1 + form.size
+        flag, bin_tag = payload[pos], payload[pos + 1]
+        if bin_tag == 0xC4:
+            n, start = payload[pos + 2], pos + 3
+        else:
+            form = _BIN_FORMS[bin_tag]
+            n, start = form.unpack_from(payload, pos + 2)[0], pos + 2 + form.size
+    except (IndexError, KeyError, struct.error):
         return None
-    seq, final, box = obj[2]
-    if type(seq) is int and 0 <= seq <= _MAX_SEQ and type(final) is bool and type(box) is bytes:
-        if len(box) <= MAX_SEALED:
-            return seq, final, box
-    return None
+    if start + n != len(payload) or flag not in (0xC2, 0xC3) or seq > _MAX_SEQ or n > MAX_SEALED:
+        return None
+    return seq, flag == 0xC3, payload[start:]
 
 
 def decode_frame(payload: bytes) -> object:
@@ -266,4 +310,4 @@ def decode_frame(payload: bytes) -> object:
     parts = chunk_parts(payload)
     if parts is not None:
         return SealedChunk(seq=parts[0], final=parts[1], box=parts[2])
-    return wire.decode(payload)
+    return wire.decode(payload)  # other messages, and chunks in non-shortest msgpack forms

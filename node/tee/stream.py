@@ -30,7 +30,7 @@ from overlay.errors import DecodeError, RemoteError, SealError, StreamBroken
 from overlay.streams import FramedStream, MessageStream
 
 from .claims import EpochKeys
-from .messages import Claims, SealedRequest
+from .messages import Claims, SealedChunk, SealedRequest
 from .seal import ReplayGuard, Session, chunk_parts, open_request, seal_request
 
 __all__ = ["KeyLookup", "SealedStream"]
@@ -131,8 +131,8 @@ class SealedStream:
                     return None
                 parts = chunk_parts(payload)
                 if parts is None:
-                    await self._plaintext(payload)
-                    continue
+                    chunk = self._not_fast(payload)
+                    parts = (chunk.seq, chunk.final, chunk.box)
                 data = recv.open_parts(*parts)
             except SealError:
                 await self.reset()
@@ -142,12 +142,14 @@ class SealedStream:
                 return wire.decode(data)
             # a bare final chunk: loop to read the clean end of stream
 
-    async def _plaintext(self, payload: bytes) -> None:
-        """A frame that is not a sealed chunk: only an early ErrorFrame is tolerated (and raised)."""
+    def _not_fast(self, payload: bytes) -> SealedChunk:
+        """A frame off the fast path: a chunk in another msgpack form, or an early ErrorFrame (raised)."""
         try:
             msg = wire.decode(payload)
         except DecodeError as e:
             raise SealError(f"unsealed garbage in a sealed stream: {e}") from e
+        if isinstance(msg, SealedChunk):
+            return msg
         if isinstance(msg, wire.ErrorFrame) and not self._got_chunk:
             raise RemoteError(msg.code, msg.message)
         raise SealError(f"unsealed {type(msg).__name__} in a sealed stream")

@@ -35,7 +35,7 @@ from overlay.errors import AttestationError, DecodeError
 
 from .claims import NONE_SIG_LABEL, check_claims, report_data, tier_rank
 from .dcap import CollateralStore, dcap_verify
-from .messages import AttestationReport, Claims, TeePolicy
+from .messages import AttestationReport, Claims, Measurement, TeePolicy
 from .pki import find_root, load_chain, verify_quote_crypto
 from .policy import measurement_digest, measurement_of
 from .quote import Quote, parse_quote
@@ -178,11 +178,27 @@ class TdxVerifier:
         self.policy = policy
         self.roots = tuple(roots)
         self.collateral = CollateralStore() if collateral is None else collateral
+        self._root_of_chain: dict[bytes, TrustedRoot] = {}  # PEM chain -> pinned root it ends in
+        self._allowed_for: TeePolicy | None = None
+        self._allowed_set: frozenset[Measurement] = frozenset()
+
+    def _root(self, chain_pem: bytes) -> TrustedRoot:
+        """The pinned root a PCK chain ends in; cached (a platform's chain repeats in every quote).
+
+        Only a choice of root: the chain itself is verified on every call (by dcap-qvl or pki).
+        """
+        root = self._root_of_chain.get(chain_pem)
+        if root is None:
+            root = find_root(load_chain(chain_pem), self.roots)
+            if len(self._root_of_chain) >= 256:
+                self._root_of_chain.clear()
+            self._root_of_chain[chain_pem] = root
+        return root
 
     def check_quote(self, raw: bytes, *, now: float, collateral_ref: bytes = b"") -> QuoteVerdict:
         """Parse and verify a raw quote (chain, signatures, TCB), then DEBUG and measurement."""
         quote = parse_quote(raw)
-        root = find_root(load_chain(quote.pck_chain_pem), self.roots)
+        root = self._root(quote.pck_chain_pem)
         if root.evaluate_tcb:
             coll = self.collateral.get(collateral_ref)
             if coll is None:
@@ -194,13 +210,19 @@ class TdxVerifier:
             status, advisories, expires = "NotEvaluated", (), float("inf")
         if quote.td.debug:
             raise AttestationError("debug_enabled", "TD attribute DEBUG is set")
-        if measurement_of(quote.td) not in {attrs.evolve(m, name="") for m in self.policy.measurements}:
+        if measurement_of(quote.td) not in self._allowed():
             raise AttestationError(
                 "measurement_not_allowed", f"MRTD {quote.td.mr_td.hex()[:16]}... not allowed"
             )
         return QuoteVerdict(
             quote=quote, root=root, status=status, advisory_ids=advisories, expires_at=expires
         )
+
+    def _allowed(self) -> frozenset[Measurement]:
+        if self._allowed_for is not self.policy:
+            self._allowed_set = frozenset(attrs.evolve(m, name="") for m in self.policy.measurements)
+            self._allowed_for = self.policy
+        return self._allowed_set
 
     def check(self, report: AttestationReport, *, report_hash: bytes, now: float) -> VerifiedReport:
         if now >= self.policy.not_after:

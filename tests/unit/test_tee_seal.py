@@ -193,3 +193,30 @@ def test_garbage_frames_decode_or_raise_typed(data: bytes) -> None:
         decode_frame(data)
     except DecodeError:
         pass  # the only error garbage may raise
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.one_of(
+        st.integers(0, 300), st.integers(0, 2**63 - 1), st.sampled_from([127, 128, 255, 256, 65535, 65536])
+    ),
+    st.booleans(),
+    st.one_of(st.binary(max_size=300), st.sampled_from([255, 256, 65535, 65536]).map(bytes)),
+)
+def test_hand_framing_matches_msgpack(seq: int, final: bool, box: bytes) -> None:
+    c = SealedChunk(seq=seq, final=final, box=box)
+    frame = wire.encode(c)
+    assert encode_chunk(c) == frame
+    assert chunk_parts(frame) == (seq, final, box)
+    assert chunk_parts(frame + b"\0") is None
+    assert chunk_parts(frame[:-1]) is None
+
+
+def test_non_shortest_chunk_takes_the_slow_path() -> None:
+    import msgpack
+
+    c = SealedChunk(seq=1, final=False, box=b"x")
+    long_form = b"\x93\x01\xcd\x01\x41\x93\xd0\x01\xc2\xc4\x01x"  # seq as int8: valid msgpack, not ours
+    assert msgpack.unpackb(long_form) == [1, 321, [1, False, b"x"]]
+    assert chunk_parts(long_form) is None
+    assert decode_frame(long_form) == c
