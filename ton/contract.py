@@ -1,4 +1,3 @@
-# mypy: disable-error-code="no-untyped-call,no-any-return"
 """The channel contract from Python: code, addresses, message bodies, signed payloads, exit codes.
 
 The contract source is ``ton/contract/channel.tolk``; its compiled code ``channel.boc`` is

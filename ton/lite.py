@@ -1,4 +1,3 @@
-# mypy: disable-error-code="no-untyped-call,no-any-return"
 """The real backend: TON testnet or mainnet through pytoniq's LiteBalancer.
 
 pytoniq speaks asyncio; the node runs on trio. :func:`asyncio_runner` runs one asyncio event
@@ -169,7 +168,7 @@ class LiteChainClient:
             await self._call("raw_send_message", message.to_boc())
         except ChainError as e:
             raise ExternalRejected(str(e)) from e
-        return message.hash
+        return bytes(message.hash)
 
     async def run_get_method(self, address: str, method: str, stack: list[Any]) -> list[Any]:
         return list(await self._call("run_get_method", Address(normalize_address(address)), method, stack))

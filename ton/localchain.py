@@ -1,4 +1,3 @@
-# mypy: disable-error-code="no-untyped-call,no-any-return"
 """The local chain: accounts, a clock and the real TVM, persisted in the data dir.
 
 :class:`LocalChain` is a synchronous state machine. Every message runs through pytvm's real

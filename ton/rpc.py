@@ -1,4 +1,3 @@
-# mypy: disable-error-code="no-untyped-call,no-any-return"
 """The local chain over loopback: a small framed-msgpack RPC (tags 450-479), server and client.
 
 One ``cocoon-node localchain`` process runs :func:`serve_localchain`: it opens (or creates) the

@@ -1,4 +1,3 @@
-# mypy: disable-error-code="no-untyped-call,no-any-return"
 """The TVM emulator: pytvm 0.0.14's C library with its known bugs worked around.
 
 pytvm wraps TON's ``libemulator`` (the real C++ TVM and transaction logic). Its Python layer has

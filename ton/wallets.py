@@ -1,4 +1,3 @@
-# mypy: disable-error-code="no-untyped-call,no-any-return"
 """Wallets: addresses and signed transfers of the standard TON wallets v4r2 and v5r1, offline.
 
 The wallet code cells and the transfer layouts come from pytoniq 0.1.43 (its static builders
@@ -68,10 +67,10 @@ def internal_message(
 ) -> Cell:
     """A serialized internal message (used by wallets, and by the local chain's faucet)."""
     msg = Contract.create_internal_msg(
-        src=Address(src) if src else None,  # type: ignore[arg-type]
+        src=Address(src) if src else None,
         dest=Address(dest),
         value=amount,
-        body=body,  # type: ignore[arg-type]
+        body=body,
         state_init=state_init,
         bounce=bounce,
     )
@@ -129,7 +128,7 @@ class Wallet:
                 message=Contract.create_internal_msg(
                     dest=Address(t.dest),
                     value=t.amount,
-                    body=t.body,  # type: ignore[arg-type]
+                    body=t.body,
                     state_init=t.state_init,
                     bounce=t.bounce,
                 ),
@@ -142,7 +141,7 @@ class Wallet:
             )
         else:
             body = WalletV5R1.raw_create_transfer_msg(
-                WalletV5R1,  # type: ignore[arg-type]  # its `self` is only used for a classmethod
+                WalletV5R1,  # its `self` is only used for a classmethod
                 self.keys.private64,
                 seqno,
                 self.wallet_id,
