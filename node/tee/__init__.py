@@ -3,7 +3,7 @@
 All confidential-computing code of cocoon-node lives here::
 
     messages.py   wire messages, tags 300-399 (Claims, AttestationReport, CollateralBundle,
-                  TeePolicy/SignedPolicy, SealedRequest, SealedChunk)
+                  TeePolicy/SignedPolicy, SealedRequest, SealedChunk, TranscriptSignature)
     claims.py     canonical claims, REPORTDATA = SHA-512(label || claims), per-epoch keys    (pure)
     quote.py      Intel TDX quote v4/v5 parser                                              (pure)
     roots.py      pinned roots: Intel SGX Root CA; TrustedRoot
@@ -13,7 +13,7 @@ All confidential-computing code of cocoon-node lives here::
     verifier.py   Verifier (tiers tdx / none, LRU cache), ClientPolicy, ReportChecker      (pure)
     synthetic.py  the test TEE: v4/v5 quotes under a test P-256 PKI
     provider.py   the worker: configfs-tsm quotes, per-epoch rotation, ReportProvider   (trio shell)
-    seal.py       HPKE request + numbered AEAD chunks with a mandatory final             (pure)
+    seal.py       HPKE request, numbered AEAD chunks, mandatory final, transcript sig  (pure)
     stream.py     SealedStream, a MessageStream sealed end to end                       (trio shell)
 
 Tiers, honestly: ``tdx`` means a TDX confidential VM whose measurement is on the
@@ -47,6 +47,7 @@ from .messages import (
     SealedRequest,
     SignedPolicy,
     TeePolicy,
+    TranscriptSignature,
 )
 from .policy import (
     PolicyStore,
@@ -73,6 +74,7 @@ from .seal import (
     Session,
     open_request,
     seal_request,
+    verify_transcript,
 )
 from .stream import SealedStream
 from .synthetic import SyntheticTee
@@ -115,6 +117,7 @@ __all__ = [
     "TdReport",
     "TdxVerifier",
     "TeePolicy",
+    "TranscriptSignature",
     "TrustedRoot",
     "VerifiedReport",
     "Verifier",
@@ -134,4 +137,5 @@ __all__ = [
     "sign_policy",
     "tier_rank",
     "verify_policy",
+    "verify_transcript",
 ]

@@ -12,6 +12,7 @@ form that hashes and signatures cover.
     311 SignedPolicy       a TeePolicy with k-of-n Ed25519 signatures by pinned release keys
     320 SealedRequest      HPKE-sealed first message of a confidential stream
     321 SealedChunk        one AEAD-sealed message of a confidential stream (either direction)
+    322 TranscriptSignature  the worker's signature over a stream's transcript (its final chunk)
 
 Sizes are bytes unless noted; times are integer Unix seconds.
 """
@@ -35,6 +36,7 @@ __all__ = [
     "SealedRequest",
     "SignedPolicy",
     "TeePolicy",
+    "TranscriptSignature",
 ]
 
 MAX_QUOTE = 16 * 1024  # bytes: a TDX quote is about 5 KB (PEM chain ~3.7 KB)
@@ -159,3 +161,20 @@ class SealedChunk:
     seq: int
     final: bool
     box: bytes = attrs.field(metadata=_w(max_len=MAX_SEALED))
+
+
+@wire.message(322)
+@attrs.frozen
+class TranscriptSignature:
+    """The payload of the worker's final chunk: its attested Ed25519 key signs what it sent and received.
+
+    The chunk AEAD already proves authorship to the client, but the client knows the keys too; this
+    signature is evidence a third party can check (disputes over tokens delivered).
+    """
+
+    stream_id: bytes = attrs.field(metadata=_w(max_len=16))
+    sent: int  # messages the worker sent before the final chunk
+    received: int  # messages it received, the request included
+    sent_hash: bytes = attrs.field(metadata=_w(max_len=32))  # chained SHA-256 over the sent plaintexts
+    received_hash: bytes = attrs.field(metadata=_w(max_len=32))
+    signature: bytes = attrs.field(metadata=_w(max_len=64))  # by claims.sig_pk, see seal.transcript_message

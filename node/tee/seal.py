@@ -35,8 +35,9 @@ from collections import OrderedDict
 
 import attrs
 import msgpack
-from cryptography.exceptions import InvalidTag
+from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hashes, hpke
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -45,7 +46,7 @@ from overlay import wire
 from overlay.errors import SealError
 
 from .claims import EpochKeys, claims_hash
-from .messages import MAX_SEALED, Claims, SealedChunk, SealedRequest
+from .messages import MAX_SEALED, Claims, SealedChunk, SealedRequest, TranscriptSignature
 
 __all__ = [
     "CHUNK_PAD",
@@ -54,18 +55,24 @@ __all__ = [
     "ChunkCipher",
     "ReplayGuard",
     "Session",
+    "Transcript",
+    "check_transcript",
     "chunk_parts",
     "decode_frame",
     "encode_chunk",
     "open_request",
     "request_info",
     "seal_request",
+    "sign_transcript",
+    "transcript_message",
+    "verify_transcript",
 ]
 
 SUITE = hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.CHACHA20_POLY1305)
 REQUEST_INFO_LABEL = b"cocoon-node/seal/v1/request\x00"
 KEYS_LABEL = b"cocoon-node/seal/v1/stream-keys"
 CHUNK_AAD_LABEL = b"cocoon-node/seal/v1/chunk\x00"
+TRANSCRIPT_LABEL = b"cocoon-node/seal/v1/transcript\x00"
 SECRET_LEN = 32
 REQUEST_PAD = 256  # bytes: request plaintext padded to a multiple of this
 CHUNK_PAD = 32  # bytes: chunk plaintext padded to a multiple of this
@@ -222,6 +229,74 @@ def _open(sealed: bytes, key: X25519PrivateKey, c_hash: bytes) -> tuple[bytes, S
     if len(plain) < SECRET_LEN + 1:
         raise SealError("request too short")
     return _unpad(plain[SECRET_LEN:]), _session(plain[:SECRET_LEN], sealed, client=False)
+
+
+class Transcript:
+    """A chained hash over one direction's plaintexts: ``h_{k+1} = SHA-256(h_k || message_k)``."""
+
+    __slots__ = ("count", "digest", "history")
+
+    def __init__(self, *, keep_history: bool = False) -> None:
+        self.count = 0
+        self.digest = bytes(32)
+        self.history: list[bytes] | None = [self.digest] if keep_history else None
+
+    def add(self, message: bytes) -> None:
+        self.digest = hashlib.sha256(self.digest + message).digest()
+        self.count += 1
+        if self.history is not None:
+            self.history.append(self.digest)
+
+
+def transcript_message(c_hash: bytes, t: TranscriptSignature) -> bytes:
+    """What the worker's epoch Ed25519 key signs at the end of a stream."""
+    return b"".join(
+        (
+            TRANSCRIPT_LABEL,
+            c_hash,
+            t.stream_id,
+            struct.pack(">QQ", t.sent, t.received),
+            t.sent_hash,
+            t.received_hash,
+        )
+    )
+
+
+def sign_transcript(
+    keys: EpochKeys, stream_id: bytes, sent: Transcript, received: Transcript
+) -> TranscriptSignature:
+    unsigned = TranscriptSignature(
+        stream_id=stream_id,
+        sent=sent.count,
+        received=received.count,
+        sent_hash=sent.digest,
+        received_hash=received.digest,
+        signature=b"",
+    )
+    return attrs.evolve(unsigned, signature=keys.sig_key.sign(transcript_message(keys.claims_hash, unsigned)))
+
+
+def verify_transcript(t: TranscriptSignature, claims: Claims) -> None:
+    """Check the signature by the claims' Ed25519 key (anyone holding the claims can); SealError if bad."""
+    try:
+        key = Ed25519PublicKey.from_public_bytes(claims.sig_pk)
+        key.verify(t.signature, transcript_message(claims_hash(claims), t))
+    except (InvalidSignature, ValueError):
+        raise SealError("transcript signature does not verify with the attested key") from None
+
+
+def check_transcript(
+    t: TranscriptSignature, claims: Claims, *, stream_id: bytes, received: Transcript, sent: Transcript
+) -> None:
+    """The client's check: signed by the attested key, over what we received and a prefix of what we sent."""
+    verify_transcript(t, claims)
+    if t.stream_id != stream_id:
+        raise SealError("transcript of another stream")
+    if (t.sent, t.sent_hash) != (received.count, received.digest):
+        raise SealError(f"worker signed {t.sent} messages sent, we received {received.count} (or others)")
+    history = sent.history or []
+    if not 0 <= t.received < len(history) or history[t.received] != t.received_hash:
+        raise SealError("worker signed a transcript of messages we did not send")
 
 
 class ReplayGuard:

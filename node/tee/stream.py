@@ -10,7 +10,11 @@ Wraps a :class:`~overlay.streams.FramedStream`; services written against
   finds the epoch keys by its claims hash (``ReportProvider.keys_for``), opens
   it; the first ``receive()`` returns the request.
 - ``aclose()`` sends the final chunk, then closes; ``receive()`` returns None
-  only after the peer's final chunk and a clean end of stream.  A clean end
+  only after the peer's final chunk and a clean end of stream.  The worker's
+  final chunk carries a :class:`~node.tee.messages.TranscriptSignature` by its
+  attested Ed25519 key over chained hashes of everything sent and received;
+  the client checks it and keeps it as ``stream.transcript`` (evidence a
+  third party can verify with the claims).  A clean end
   without a final chunk, a forged, replayed, reordered or spliced chunk, or a
   plaintext frame mid-stream raise :class:`~overlay.errors.SealError` and reset
   the stream.  A plaintext ``ErrorFrame`` before any sealed chunk (the worker
@@ -30,8 +34,17 @@ from overlay.errors import DecodeError, RemoteError, SealError, StreamBroken
 from overlay.streams import FramedStream, MessageStream
 
 from .claims import EpochKeys
-from .messages import Claims, SealedChunk, SealedRequest
-from .seal import ReplayGuard, Session, chunk_parts, open_request, seal_request
+from .messages import Claims, SealedChunk, SealedRequest, TranscriptSignature
+from .seal import (
+    ReplayGuard,
+    Session,
+    Transcript,
+    check_transcript,
+    chunk_parts,
+    open_request,
+    seal_request,
+    sign_transcript,
+)
 
 __all__ = ["KeyLookup", "SealedStream"]
 
@@ -44,12 +57,21 @@ class SealedStream:
     """A message stream whose payloads only the two ends can read."""
 
     def __init__(
-        self, framed: FramedStream, *, claims: Claims | None = None, session: Session | None = None
+        self,
+        framed: FramedStream,
+        *,
+        claims: Claims | None = None,
+        session: Session | None = None,
+        keys: EpochKeys | None = None,
     ) -> None:
         self.framed = framed
         self.peer_id: str = framed.peer_id
-        self._claims = claims
+        self._claims = claims  # client side: whom we seal to
+        self._keys = keys  # worker side: the epoch keys that opened the request
         self._session = session
+        self._sent = Transcript(keep_history=keys is None)
+        self._received = Transcript()
+        self.transcript: TranscriptSignature | None = None  # client side, once the worker's final verified
         self._first: object | None = None
         self._started = trio.Event()
         if session is not None:
@@ -97,7 +119,8 @@ class SealedStream:
             except StreamBroken:
                 pass
             raise SealError(str(e)) from e
-        stream = cls(framed, session=session)
+        stream = cls(framed, session=session, keys=keys)
+        stream._received.add(payload)
         stream._first = first
         return stream
 
@@ -109,10 +132,12 @@ class SealedStream:
             if self._session is None:
                 assert self._claims is not None
                 request, self._session = seal_request(self._claims, data)
+                self._sent.add(data)
                 await self.framed.send(request)
                 self._started.set()
                 return
             frame = self._session.send.seal_frame(data)
+            self._sent.add(data)
             await self.framed.send_raw(frame)
 
     async def receive(self) -> object | None:
@@ -134,13 +159,32 @@ class SealedStream:
                     chunk = self._not_fast(payload)
                     parts = (chunk.seq, chunk.final, chunk.box)
                 data = recv.open_parts(*parts)
+                if recv.finished:
+                    self._end(data)
+                    continue  # after the final chunk: read the clean end of stream
             except SealError:
                 await self.reset()
                 raise
             self._got_chunk = True
+            self._received.add(data)
+            return wire.decode(data)
+
+    def _end(self, data: bytes) -> None:
+        """The peer's final chunk: the client checks the worker's transcript signature in it."""
+        if self._keys is not None:  # worker side: the client's final is bare
             if data:
-                return wire.decode(data)
-            # a bare final chunk: loop to read the clean end of stream
+                raise SealError("data in the client's final chunk")
+            return
+        assert self._claims is not None
+        assert self._session is not None
+        try:
+            t = wire.decode_as(TranscriptSignature, data)
+        except DecodeError as e:
+            raise SealError(f"the worker's final chunk holds no transcript signature: {e}") from e
+        check_transcript(
+            t, self._claims, stream_id=self._session.stream_id, received=self._received, sent=self._sent
+        )
+        self.transcript = t
 
     def _not_fast(self, payload: bytes) -> SealedChunk:
         """A frame off the fast path: a chunk in another msgpack form, or an early ErrorFrame (raised)."""
@@ -159,8 +203,12 @@ class SealedStream:
         async with self._send_lock:
             if self._session is not None and not self._final_sent and not self._dead:
                 self._final_sent = True
+                final = b""
+                if self._keys is not None:
+                    t = sign_transcript(self._keys, self._session.stream_id, self._sent, self._received)
+                    final = wire.encode(t)
                 try:
-                    await self.framed.send_raw(self._session.send.seal_frame(b"", final=True))
+                    await self.framed.send_raw(self._session.send.seal_frame(final, final=True))
                 except (StreamBroken, SealError) as e:
                     log.debug("final chunk not sent: %s", e, extra={"peer_id": self.peer_id})
         await self.framed.aclose()

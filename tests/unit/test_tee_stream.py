@@ -290,3 +290,73 @@ def test_sealed_stream_is_a_message_stream() -> None:
     a, _ = memory_stream_pair()
     stream: MessageStream = SealedStream.client(FramedStream(a), KEYS.claims)
     assert stream.peer_id == ""
+
+
+async def _one_exchange(worker_keys: EpochKeys) -> tuple[SealedStream, list[object], BaseException | None]:
+    c_raw, w_raw = memory_stream_pair()
+    client = SealedStream.client(FramedStream(c_raw), KEYS.claims)
+    got: list[object] = []
+    error: BaseException | None = None
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+
+            async def worker() -> None:
+                stream = await SealedStream.accept(FramedStream(w_raw), {KEYS.claims_hash: worker_keys}.get)
+                await echo_service(stream)
+
+            nursery.start_soon(worker)
+            await client.send(_Prompt(text=PROMPT))
+            try:
+                async for m in client:
+                    got.append(m)
+            except SealError as e:
+                error = e
+            await client.aclose()
+    return client, got, error
+
+
+async def test_transcript_signature_is_third_party_evidence() -> None:
+    from node.tee import verify_transcript
+    from node.tee.seal import Transcript
+
+    client, got, error = await _one_exchange(KEYS)
+    assert error is None
+    t = client.transcript
+    assert t is not None
+    assert (t.sent, t.received) == (len(ANSWER), 1)
+    assert t.stream_id == client.stream_id
+    verify_transcript(t, KEYS.claims)  # anyone with the claims can check it
+    sent, received = Transcript(), Transcript()  # ...and recompute the hashes from the plaintexts
+    for msg in got:
+        sent.add(wire.encode(msg))
+    received.add(wire.encode(_Prompt(text=PROMPT)))
+    assert (sent.digest, received.digest) == (t.sent_hash, t.received_hash)
+    with pytest.raises(SealError):
+        verify_transcript(attrs.evolve(t, sent=t.sent - 1), KEYS.claims)  # a worker denying a token
+
+
+async def test_transcript_signed_by_an_unattested_key_is_refused() -> None:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    rogue = attrs.evolve(KEYS, sig_key=Ed25519PrivateKey.generate())  # holds the X25519 key, not the Ed25519
+    client, got, error = await _one_exchange(rogue)
+    assert isinstance(error, SealError)
+    assert len(got) == len(ANSWER)
+    assert client.transcript is None
+
+
+async def test_bare_final_from_worker_is_refused() -> None:
+    from node.tee.seal import open_request
+
+    c_raw, w_raw = memory_stream_pair()
+    client = SealedStream.client(FramedStream(c_raw), KEYS.claims)
+    worker = FramedStream(w_raw)
+    with trio.fail_after(10):
+        await client.send(_Prompt(text="x"))
+        request = await worker.receive()
+        assert request is not None
+        _, session = open_request(request, KEYS)  # type: ignore[arg-type]
+        await worker.send_raw(session.send.seal_frame(b"", final=True))
+        await worker.aclose()
+        with pytest.raises(SealError, match="transcript"):
+            await client.receive()
