@@ -14,8 +14,9 @@ an attested tier is matchable only while an unexpired ``ok`` verdict for its
 report hash exists.
 
 ``match`` filters (model, both price caps, minimum tier, endorsement, not
-excluded, not full according to a fresh heartbeat, unexpired), walking the
-price index cheapest first, and scores each survivor (lower is better)::
+excluded or suspended, not full according to a fresh heartbeat, unexpired),
+walking the price index cheapest first, and scores each survivor (lower is
+better)::
 
     score = w_price   * (price_prompt + price_completion) / (cap_prompt + cap_completion)
           + w_load    * L / (L + load_scale),      L = active x mean_duration (heartbeat)
@@ -23,11 +24,13 @@ price index cheapest first, and scores each survivor (lower is better)::
           + w_rep     * (1 - reputation)
 
 Unknown load and latency (no fresh heartbeat at this proxy) count as 0.5.
-The walk stops once the price term alone cannot beat the current ``count``-th
-best, or after ``scan_limit`` candidates (price is the primary criterion), so a
-call costs O(log n + scan_limit).  With probability ``exploration`` the first
-result is instead an eligible offer drawn uniformly from those under the cap
-(from the injected ``random.Random``), which gives newcomers traffic.
+Workers a client reported unreachable are suspended for a while (they may have
+crashed without withdrawing their offer).  The walk stops once the price term
+alone cannot beat the current ``count``-th best, or after ``scan_limit``
+candidates (price is the primary criterion), so a call costs
+O(log n + scan_limit).  With probability ``exploration`` the first result is
+instead an eligible offer drawn uniformly from those under the cap (from the
+injected ``random.Random``), which gives newcomers traffic.
 """
 
 from __future__ import annotations
@@ -130,6 +133,7 @@ class OfferBook:
         self._deadlines: list[tuple[float, str, int]] = []  # (expires_at, peer_id, seqno)
         self._verdicts: dict[tuple[str, bytes], SignedVerdict] = {}
         self._loads: dict[str, WorkerLoad] = {}
+        self._suspended: dict[str, float] = {}  # peer id -> until (s)
 
     # ---- offers
 
@@ -186,6 +190,8 @@ class OfferBook:
                 removed.append(peer_id)
         for key in [k for k, v in self._verdicts.items() if v.body.expires_at <= now]:
             del self._verdicts[key]
+        for peer in [p for p, until in self._suspended.items() if until <= now]:
+            del self._suspended[peer]
         for peer in [p for p, load in self._loads.items() if now - load.at > self.load_ttl]:
             del self._loads[peer]
             entry = self._entries.get(peer)
@@ -243,6 +249,13 @@ class OfferBook:
     def load_of(self, peer_id: str) -> WorkerLoad | None:
         return self._loads.get(peer_id)
 
+    def suspend(self, peer_id: str, until: float) -> None:
+        """Leave the worker out of matches until ``until`` (it failed a client; it may be gone)."""
+        self._suspended[peer_id] = max(until, self._suspended.get(peer_id, until))
+
+    def suspended(self, peer_id: str, now: float) -> bool:
+        return self._suspended.get(peer_id, now) > now
+
     # ---- matching
 
     def _walk(self, model_id: str, min_rank: int, max_completion: int) -> Iterator[tuple[int, str]]:
@@ -267,6 +280,8 @@ class OfferBook:
     ) -> bool:
         o = entry.offer.body
         if o.expires_at <= now or o.price_prompt > max_prompt or o.peer_id in exclude:
+            return False
+        if self._suspended and self._suspended.get(o.peer_id, now) > now:
             return False
         load = entry.load
         if load is not None and now - load.at <= self.load_ttl and load.active >= load.max_active:

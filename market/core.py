@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import random
 
-from overlay.identity import Identity, verify_signature
+from overlay.identity import Identity
 
 from .book import OfferBook, WorkerLoad
 from .election import CandidacyPool, ElectedProxy, ElectionParams, EpochClock, EpochSeed, attach, elect
@@ -28,14 +28,15 @@ from .records import (
     MatchRequest,
     MatchResponse,
     Offer,
+    SignatureCheck,
     SignedCandidacy,
     SignedOffer,
     SignedVerdict,
     UsageReport,
     Verdict,
-    Verify,
     WorkerHeartbeat,
     sign_verdict,
+    signature_valid,
     tier_rank,
 )
 from .reputation import Reputation
@@ -103,18 +104,20 @@ class ProxyCore:
         reputation: Reputation | None = None,
         scores: PeerScores | None = None,
         fills: FillLog | None = None,
-        verify: Verify = verify_signature,
+        check_signature: SignatureCheck = signature_valid,
         attested_tiers: bool = True,
+        suspend_s: float = 60.0,  # s a worker that failed a client before any token stays out of matches
     ) -> None:
         self.limits = limits or MarketLimits()
         self.scores = scores or PeerScores()
-        self.validator = OfferValidator(self.limits, self.scores, verify=verify)
+        self.validator = OfferValidator(self.limits, self.scores, check_signature=check_signature)
         self.book = book or OfferBook()
         self.reputation = reputation or Reputation()
         self.fills = fills or FillLog()
-        self.verify = verify
+        self.check_signature = check_signature
         #: False until a verifier is wired in: offers of attested tiers are then ignored.
         self.attested_tiers = attested_tiers
+        self.suspend_s = suspend_s
         self._pending: dict[tuple[str, bytes], SignedOffer] = {}
 
     # ---- gossip input
@@ -136,7 +139,7 @@ class ProxyCore:
         self, rec: SignedVerdict, now: float, source: str | None = None, *, trusted: bool
     ) -> Outcome:
         """Validate and keep a verdict; ``trusted`` says whether its proxy is in an active elected set."""
-        outcome = check_verdict(rec, now, limits=self.limits, verify=self.verify)
+        outcome = check_verdict(rec, now, limits=self.limits, check_signature=self.check_signature)
         self.scores.record(source, outcome, now)
         if not outcome.accepted:
             return outcome
@@ -161,6 +164,9 @@ class ProxyCore:
         self.book.update_load(peer_id, WorkerLoad.from_heartbeat(hb, now))
 
     def usage(self, report: UsageReport, now: float) -> None:
+        """A client's account of a session; a failure before any token also suspends the worker."""
+        if not report.completed and report.tokens_received == 0:
+            self.book.suspend(report.worker_peer_id, now + self.suspend_s)
         if report.completed:
             self.reputation.record_completed(report.worker_peer_id, now)
         else:
@@ -220,7 +226,7 @@ class ElectionView:
         params: ElectionParams | None = None,
         limits: MarketLimits | None = None,
         scores: PeerScores | None = None,
-        verify: Verify = verify_signature,
+        check_signature: SignatureCheck = signature_valid,
     ) -> None:
         self.clock = clock
         self.epoch_seed = epoch_seed
@@ -228,13 +234,18 @@ class ElectionView:
         self.params = params or ElectionParams()
         self.limits = limits or MarketLimits()
         self.scores = scores or PeerScores()
-        self.verify = verify
+        self.check_signature = check_signature
         self.pool = CandidacyPool(clock)
         self._cache: dict[int, tuple[ElectedProxy, ...]] = {}
 
     def receive_candidacy(self, rec: SignedCandidacy, now: float, source: str | None = None) -> Outcome:
         outcome = check_candidacy(
-            rec, now, self.stakes, min_stake=self.params.min_stake, limits=self.limits, verify=self.verify
+            rec,
+            now,
+            self.stakes,
+            min_stake=self.params.min_stake,
+            limits=self.limits,
+            check_signature=self.check_signature,
         )
         self.scores.record(source, outcome, now)
         if not outcome.accepted:

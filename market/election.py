@@ -103,8 +103,11 @@ class ElectedProxy:
     weight: float  # capped stake, the rendezvous weight
 
 
-def _canonical_order(rec: SignedCandidacy) -> tuple[float, bytes]:
-    return (rec.body.issued_at, wire.encode(rec))
+def _supersedes(new: SignedCandidacy, old: SignedCandidacy) -> bool:
+    """``new`` replaces ``old``: issued later, or at the same time with a larger encoding (a total order)."""
+    if new.body.issued_at != old.body.issued_at:
+        return new.body.issued_at > old.body.issued_at
+    return wire.encode(new) > wire.encode(old)
 
 
 class CandidacyPool:
@@ -128,7 +131,7 @@ class CandidacyPool:
             return False
         epoch = self._by_epoch.setdefault(c.epoch, {})
         old = epoch.get(c.peer_id)
-        if old is not None and _canonical_order(old) >= _canonical_order(rec):
+        if old is not None and not _supersedes(rec, old):
             return False
         epoch[c.peer_id] = rec
         return True
@@ -174,7 +177,7 @@ def elect(
         if c.epoch != epoch or c.stake_amount < params.min_stake:
             continue
         old = best.get(c.peer_id)
-        if old is None or _canonical_order(old) < _canonical_order(rec):
+        if old is None or _supersedes(rec, old):
             best[c.peer_id] = rec
     by_address: dict[str, SignedCandidacy] = {}
     for rec in best.values():

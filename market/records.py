@@ -50,6 +50,7 @@ __all__ = [
     "SignedVerdict",
     "UsageReport",
     "Verdict",
+    "SignatureCheck",
     "Verify",
     "WorkerHeartbeat",
     "issuer_key",
@@ -342,6 +343,10 @@ def _claimed_peer_id(record: SignedRecord) -> str:
 
 #: ``verify(public_key, signature, data) -> bool`` (the order of ``overlay.identity.verify_signature``).
 Verify = Callable[[bytes, bytes, bytes], bool]
+
+
+#: ``check(record) -> bool``: do a record's signatures verify (``signature_valid``, or a memo of it).
+SignatureCheck = Callable[["SignedRecord"], bool]
 
 
 def signature_valid(record: SignedRecord, verify: Verify = verify_signature) -> bool:

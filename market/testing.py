@@ -1,7 +1,7 @@
 """Deterministic builders for market records: used by tests, the simulator and the benchmark.
 
 Everything here is real: real Ed25519 keys (derived from small integers so runs
-repeat), real signatures, real encodings.  :class:`MemoVerify` memoizes
+repeat), real signatures, real encodings.  :class:`MemoSignatures` memoizes
 signature checks so the thousand nodes of a simulation do not verify the same
 record a thousand times; it returns exactly what the real check returns.
 """
@@ -11,21 +11,23 @@ from __future__ import annotations
 import functools
 import hashlib
 
-from overlay.identity import Identity, verify_signature
+from overlay.identity import Identity
 
 from .records import (
     Candidacy,
     Offer,
     SignedCandidacy,
     SignedOffer,
+    SignedRecord,
     sign_candidacy,
     sign_offer,
+    signature_valid,
 )
 from .validation import StakeTable
 
 __all__ = [
     "MODEL_HASH",
-    "MemoVerify",
+    "MemoSignatures",
     "fixed_epoch_seed",
     "make_candidacy",
     "make_offer",
@@ -104,6 +106,7 @@ def make_candidacy(
     stakes: StakeTable | None = None,
     lifetime: float = 900.0,
     report_stake: int | None = None,
+    addrs: tuple[str, ...] | None = None,
 ) -> SignedCandidacy:
     """A signed candidacy; registers the stake key and ``report_stake`` (default ``amount``) in ``stakes``."""
     address = ton_address(stake.public_key)
@@ -113,7 +116,7 @@ def make_candidacy(
     body = Candidacy(
         candidate_key=ident.public_key,
         peer_id=ident.peer_id,
-        addrs=(f"/ip4/127.0.0.1/tcp/{4000 + ident.public_key[0]}",),
+        addrs=addrs if addrs is not None else (f"/ip4/127.0.0.1/tcp/{4000 + ident.public_key[0]}",),
         operator=operator if operator is not None else address,
         stake_address=address,
         stake_key=stake.public_key,
@@ -125,24 +128,27 @@ def make_candidacy(
     return sign_candidacy(ident, stake, body)
 
 
-class MemoVerify:
-    """``verify_signature`` with a cache of results (same answers, verified once per distinct input)."""
+class MemoSignatures:
+    """``signature_valid`` with a cache keyed by the record itself (same answers, each record checked once).
+
+    Records are frozen and hashable, and a forgery differs from the genuine record
+    in some field, so it gets its own entry and its own (failing) check.
+    """
 
     def __init__(self, maxsize: int = 1 << 18) -> None:
         self.maxsize = maxsize
-        self._cache: dict[tuple[bytes, bytes, bytes], bool] = {}
+        self._cache: dict[SignedRecord, bool] = {}
         self.calls = 0
-        self.verified = 0
+        self.checked = 0
 
-    def __call__(self, public_key: bytes, signature: bytes, data: bytes) -> bool:
+    def __call__(self, record: SignedRecord) -> bool:
         self.calls += 1
-        key = (public_key, signature, data)
-        hit = self._cache.get(key)
+        hit = self._cache.get(record)
         if hit is not None:
             return hit
-        self.verified += 1
-        ok = verify_signature(public_key, signature, data)
+        self.checked += 1
+        ok = signature_valid(record)
         if len(self._cache) >= self.maxsize:
             self._cache.clear()
-        self._cache[key] = ok
+        self._cache[record] = ok
         return ok

@@ -7,7 +7,7 @@ or the election.  A validator returns an :class:`Outcome`:
   sender (the peer that relayed it to us) loses peer score; gossip drops it.
 - ``IGNORE``: well-formed and authentic but not useful now: expired, from the
   future (more than ``max_skew`` ahead), a stale or replayed seqno, or a flood
-  (more than one offer per worker per ``min_publish_interval``).  No penalty.
+  (offers of one worker issued less than ``min_publish_interval`` apart).  No penalty.
 - ``ACCEPT``: the caller may insert it and relay it.
 
 Validators are stateful only in what replay protection needs (the highest
@@ -28,16 +28,14 @@ from typing import Protocol
 
 import attrs
 
-from overlay.identity import verify_signature
-
 from .records import (
     ATTESTED_TIERS,
     TIERS,
+    SignatureCheck,
     SignedCandidacy,
     SignedMarketStats,
     SignedOffer,
     SignedVerdict,
-    Verify,
     peer_id_matches,
     signature_valid,
 )
@@ -93,9 +91,11 @@ class MarketLimits:
     """Bounds a record must respect; beyond them it is absurd (REJECT) or untimely (IGNORE)."""
 
     max_skew: float = 30.0  # s: records issued further in the future are ignored
-    max_lifetime: float = 900.0  # s: an offer's or candidacy's expires_at - issued_at above this is rejected
+    max_lifetime: float = 900.0  # s: an offer's expires_at - issued_at above this is rejected
     max_verdict_lifetime: float = 86_400.0  # s: the same for attestation verdicts
-    min_publish_interval: float = 10.0  # s: at most one offer per worker per interval
+    # s: the same for candidacies, which outlive their epoch (issued a lead ahead: lead + length + overlap)
+    max_candidacy_lifetime: float = 4 * 3600.0
+    min_publish_interval: float = 10.0  # s: offers of one worker must be issued this far apart
     max_price: int = 10**12  # nanoTON per token (1,000 TON): anything above is absurd
     max_capacity: int = 4096  # concurrent requests of one worker
     max_context: int = 10_000_000  # tokens
@@ -151,17 +151,25 @@ class PeerScores:
         return len(self._scores)
 
 
+_isfinite = math.isfinite
+
+
 def _finite(*values: float) -> bool:
-    return all(isinstance(v, float | int) and math.isfinite(v) for v in values)
+    """All finite numbers (wire decoding guarantees floats; hand-built records might not)."""
+    try:
+        return all(map(_isfinite, values))
+    except TypeError:
+        return False
 
 
 def _check_times(
     issued_at: float, expires_at: float, now: float, limits: MarketLimits, max_lifetime: float | None = None
 ) -> Outcome | None:
     """Schema problems -> REJECT; untimely -> IGNORE; fine -> None."""
-    if not _finite(issued_at, expires_at) or expires_at <= issued_at:
+    if not (_finite(issued_at, expires_at) and expires_at > issued_at):
         return _reject("bad validity window")
-    if expires_at - issued_at > (limits.max_lifetime if max_lifetime is None else max_lifetime):
+    # (a microsecond of slack: issued_at + lifetime rounds in floating point)
+    if expires_at - issued_at > (limits.max_lifetime if max_lifetime is None else max_lifetime) + 1e-6:
         return _reject("lifetime over the limit")
     if issued_at > now + limits.max_skew:
         return _ignore("issued in the future")
@@ -188,7 +196,7 @@ def _check_offer_schema(rec: SignedOffer, limits: MarketLimits) -> str | None:
         return "absurd capacity"
     if not 0 < o.max_context <= limits.max_context:
         return "absurd context length"
-    if not _finite(o.decode_tok_s) or not 0 < o.decode_tok_s <= limits.max_tok_s:
+    if not (_finite(o.decode_tok_s) and 0 < o.decode_tok_s <= limits.max_tok_s):
         return "absurd decode speed"
     if o.seqno < 0:
         return "negative seqno"
@@ -212,11 +220,11 @@ class OfferValidator:
         limits: MarketLimits | None = None,
         scores: PeerScores | None = None,
         *,
-        verify: Verify = verify_signature,
+        check_signature: SignatureCheck = signature_valid,
     ) -> None:
         self.limits = limits or MarketLimits()
         self.scores = scores or PeerScores()
-        self.verify = verify
+        self.check_signature = check_signature
         self._workers: dict[str, _WorkerState] = {}
 
     def validate(self, rec: SignedOffer, now: float, source: str | None = None) -> Outcome:
@@ -235,7 +243,7 @@ class OfferValidator:
             return timing
         if not peer_id_matches(rec):
             return _reject("peer id does not match the key")
-        if not signature_valid(rec, self.verify):
+        if not self.check_signature(rec):
             return _reject("bad signature")
         if timing is not None:
             return timing
@@ -244,8 +252,10 @@ class OfferValidator:
         if state is not None:
             if o.seqno <= state.seqno or o.issued_at < state.issued_at:
                 return _ignore("stale or replayed seqno")
-            # A withdrawal may follow a live offer at once; anything else is rate limited.
-            if now - state.accepted_at < self.limits.min_publish_interval and (
+            # Rate limit on the signed issue times (arrival times jitter; issue times are the
+            # worker's own and monotonic, and at most max_skew ahead of ours). A withdrawal
+            # may follow a live offer at once.
+            if o.issued_at - state.issued_at < self.limits.min_publish_interval and (
                 not withdrawal or state.withdrawn
             ):
                 return _ignore("more than one offer per interval")
@@ -313,7 +323,7 @@ def check_candidacy(
     *,
     min_stake: int,
     limits: MarketLimits | None = None,
-    verify: Verify = verify_signature,
+    check_signature: SignatureCheck = signature_valid,
 ) -> Outcome:
     """Stateless checks of a candidacy: schema, identity, both signatures, times and stake.
 
@@ -331,12 +341,12 @@ def check_candidacy(
         return _reject("missing operator, stake address or epoch")
     if not 0 < c.stake_amount <= limits.max_stake:
         return _reject("absurd stake")
-    timing = _check_times(c.issued_at, c.expires_at, now, limits)
+    timing = _check_times(c.issued_at, c.expires_at, now, limits, limits.max_candidacy_lifetime)
     if timing is not None and timing.decision is Decision.REJECT:
         return timing
     if not peer_id_matches(rec):
         return _reject("peer id does not match the key")
-    if not signature_valid(rec, verify):
+    if not check_signature(rec):
         return _reject("bad signature")
     if timing is not None:
         return timing
@@ -357,7 +367,7 @@ def check_verdict(
     now: float,
     *,
     limits: MarketLimits | None = None,
-    verify: Verify = verify_signature,
+    check_signature: SignatureCheck = signature_valid,
 ) -> Outcome:
     """Stateless checks of an attestation verdict (whether its proxy is trusted is the caller's call)."""
     limits = limits or MarketLimits()
@@ -371,7 +381,7 @@ def check_verdict(
         return timing
     if not peer_id_matches(rec):
         return _reject("peer id does not match the key")
-    if not signature_valid(rec, verify):
+    if not check_signature(rec):
         return _reject("bad signature")
     return timing or ACCEPT
 
@@ -381,7 +391,7 @@ def check_market_stats(
     now: float,
     *,
     limits: MarketLimits | None = None,
-    verify: Verify = verify_signature,
+    check_signature: SignatureCheck = signature_valid,
 ) -> Outcome:
     """Stateless checks of a proxy's market statistics."""
     limits = limits or MarketLimits()
@@ -399,6 +409,6 @@ def check_market_stats(
         return _ignore("expired")
     if not peer_id_matches(rec):
         return _reject("peer id does not match the key")
-    if not signature_valid(rec, verify):
+    if not check_signature(rec):
         return _reject("bad signature")
     return ACCEPT

@@ -336,3 +336,16 @@ class BookUnderAttack(RuleBasedStateMachine):
 
 TestBookUnderAttack = BookUnderAttack.TestCase
 TestBookUnderAttack.settings = settings(max_examples=40, stateful_step_count=30, deadline=None)
+
+
+def test_suspended_workers_sit_out_until_the_suspension_ends() -> None:
+    a, b = WORKERS[:2]
+    book = book_with(
+        make_offer(a, now=0.0, price_completion=100), make_offer(b, now=0.0, price_completion=200)
+    )
+    book.suspend(a.peer_id, until=60.0)
+    assert book.suspended(a.peer_id, 1.0)
+    assert ids(match(book, count=2)) == [b.peer_id]
+    assert ids(match(book, count=2, now=61.0)) == [a.peer_id, b.peer_id]
+    book.expire(61.0)
+    assert not book.suspended(a.peer_id, 61.0)

@@ -107,3 +107,20 @@ def test_match_response_heartbeats_usage_and_stats() -> None:
     assert s.fills == 3
     assert core.tick(10_000.0) != []
     assert len(core.book) == 0
+
+
+def test_a_worker_unreachable_for_a_client_is_suspended() -> None:
+    core = ProxyCore(suspend_s=30.0)
+    core.book.exploration = 0.0
+    for w in W[:2]:
+        core.receive_offer(make_offer(w, now=0.0), 0.0)
+    core.usage(UsageReport(W[0].peer_id, False, 0, 0), 1.0)
+    assert W[0].peer_id not in [
+        r.body.peer_id for r in core.match(request(count=4), 2.0, random.Random(0)).offers
+    ]
+    assert W[0].peer_id in [
+        r.body.peer_id for r in core.match(request(count=4), 32.0, random.Random(0)).offers
+    ]
+    # A failure after some tokens costs reputation but not a suspension.
+    core.usage(UsageReport(W[1].peer_id, False, 50, 50), 33.0)
+    assert not core.book.suspended(W[1].peer_id, 33.5)

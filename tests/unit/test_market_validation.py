@@ -264,3 +264,26 @@ def test_accepted_seqnos_strictly_increase_and_respect_the_interval(
     assert [s for s, _, _ in accepted] == sorted({s for s, _, _ in accepted})
     times = [t for _, t, _ in accepted]
     assert all(b - a >= 10.0 for a, b in itertools.pairwise(times))
+
+
+def test_rate_limit_uses_signed_issue_times_so_jitter_does_not_drop_updates() -> None:
+    v = validator()
+    assert v.validate(make_offer(W, now=100.0, seqno=1), 100.08).accepted  # arrived late
+    assert v.validate(make_offer(W, now=110.0, seqno=2), 110.01).accepted  # arrived early: still 10 s apart
+
+
+def test_a_worker_cannot_burst_past_the_skew_allowance() -> None:
+    v = validator()
+    accepted = sum(
+        v.validate(make_offer(W, now=100.0 + 10 * i, seqno=i + 1), 100.0).accepted for i in range(20)
+    )
+    assert accepted == 4  # issue times 100, 110, 120, 130: anything later is "from the future"
+
+
+def test_candidacies_may_outlive_offers() -> None:
+    stakes = StakeTable()
+    stake = seeded_identity(10, "stake")
+    c = make_candidacy(W, stake, epoch=5, now=10.0, stakes=stakes, lifetime=3 * 3600)
+    assert check_candidacy(c, 10.0, stakes, min_stake=1).accepted
+    c = make_candidacy(W, stake, epoch=5, now=10.0, stakes=stakes, lifetime=5 * 3600)
+    assert check_candidacy(c, 10.0, stakes, min_stake=1).reason == "lifetime over the limit"
