@@ -175,6 +175,6 @@ class TranscriptSignature:
     stream_id: bytes = attrs.field(metadata=_w(max_len=16))
     sent: int  # messages the worker sent before the final chunk
     received: int  # messages it received, the request included
-    sent_hash: bytes = attrs.field(metadata=_w(max_len=32))  # chained SHA-256 over the sent plaintexts
+    sent_hash: bytes = attrs.field(metadata=_w(max_len=32))  # SHA-256 over len||plaintext of each sent
     received_hash: bytes = attrs.field(metadata=_w(max_len=32))
     signature: bytes = attrs.field(metadata=_w(max_len=64))  # by claims.sig_pk, see seal.transcript_message

@@ -107,8 +107,8 @@ def _unpad(data: bytes) -> bytes:
 class ChunkCipher:
     """One direction of a stream: seals (sender) or opens (receiver) numbered chunks.
 
-    ``seal``/``open`` work on :class:`SealedChunk`; ``seal_frame``/``open_frame``
-    are the same on encoded frames (the hot path of the stream shell).
+    ``seal_frame``/``open_frame`` work on encoded frames (the hot path of the
+    stream shell); ``seal``/``open`` are the same on :class:`SealedChunk`.
     """
 
     __slots__ = ("_aad", "_base", "_decrypt", "_encrypt", "finished", "seq")
@@ -123,7 +123,8 @@ class ChunkCipher:
         self.seq = 0  # next chunk number
         self.finished = False  # the final chunk went through
 
-    def _box(self, payload: bytes, final: bool) -> tuple[int, bytes]:
+    def seal_frame(self, payload: bytes, *, final: bool = False) -> bytes:
+        """The next chunk carrying ``payload`` (an encoded wire message, or b"" for a bare final), encoded."""
         if self.finished:
             raise SealError("stream already finished")
         seq = self.seq
@@ -136,20 +137,22 @@ class ChunkCipher:
         )
         self.seq = seq + 1
         self.finished = final
-        return seq, box
-
-    def seal(self, payload: bytes, *, final: bool = False) -> SealedChunk:
-        """The next chunk carrying ``payload`` (an encoded wire message, or b"" for a bare final)."""
-        seq, box = self._box(payload, final)
-        return SealedChunk(seq=seq, final=final, box=box)
-
-    def seal_frame(self, payload: bytes, *, final: bool = False) -> bytes:
-        """``encode_chunk(self.seal(payload, final=final))``, faster."""
-        seq, box = self._box(payload, final)
         return _frame(seq, final, box)
 
-    def open_parts(self, seq: int, final: bool, box: bytes) -> bytes:
-        """The payload of the next chunk; any forged, replayed, reordered or spliced chunk raises."""
+    def seal(self, payload: bytes, *, final: bool = False) -> SealedChunk:
+        """As :meth:`seal_frame`, as a message."""
+        parts = chunk_parts(self.seal_frame(payload, final=final))
+        assert parts is not None
+        return SealedChunk(seq=parts[0], final=parts[1], box=parts[2])
+
+    def open_frame(self, payload: bytes) -> bytes | None:
+        """The payload of the next chunk, from its encoded frame; None when ``payload`` is not a
+        SealedChunk in shortest form (decode it and use :meth:`open`).  Any forged, replayed,
+        reordered or spliced chunk raises SealError."""
+        parts = chunk_parts(payload)
+        if parts is None:
+            return None
+        seq, final, box = parts
         if self.finished:
             raise SealError(f"chunk {seq} after the final chunk")
         if seq != self.seq:
@@ -167,12 +170,13 @@ class ChunkCipher:
         return stripped[:-1]
 
     def open(self, chunk: SealedChunk) -> bytes:
-        return self.open_parts(chunk.seq, chunk.final, chunk.box)
-
-    def open_frame(self, payload: bytes) -> bytes | None:
-        """Open an encoded SealedChunk frame; None when ``payload`` is not one in shortest form."""
-        parts = chunk_parts(payload)
-        return None if parts is None else self.open_parts(*parts)
+        """As :meth:`open_frame`, for a decoded chunk."""
+        if not 0 <= chunk.seq <= _MAX_SEQ:
+            raise SealError(f"chunk number {chunk.seq} out of range")
+        data = self.open_frame(_frame(chunk.seq, chunk.final, chunk.box))
+        if data is None:  # a box over MAX_SEALED: no valid chunk has one
+            raise SealError("chunk too large")
+        return data
 
     def check_end(self) -> None:
         """At end of stream: raise unless the final chunk arrived (truncation)."""
@@ -232,20 +236,27 @@ def _open(sealed: bytes, key: X25519PrivateKey, c_hash: bytes) -> tuple[bytes, S
 
 
 class Transcript:
-    """A chained hash over one direction's plaintexts: ``h_{k+1} = SHA-256(h_k || message_k)``."""
+    """A running SHA-256 over one direction's plaintexts, each prefixed by its 8-byte length."""
 
-    __slots__ = ("count", "digest", "history")
+    __slots__ = ("_h", "count", "history")
 
     def __init__(self, *, keep_history: bool = False) -> None:
+        self._h = hashlib.sha256()
         self.count = 0
-        self.digest = bytes(32)
-        self.history: list[bytes] | None = [self.digest] if keep_history else None
+        self.history: list[bytes] | None = [self.digest] if keep_history else None  # digest after k messages
+
+    @property
+    def digest(self) -> bytes:
+        return self._h.copy().digest()
 
     def add(self, message: bytes) -> None:
-        self.digest = hashlib.sha256(self.digest + message).digest()
+        self._h.update(_LEN(len(message)) + message)
         self.count += 1
         if self.history is not None:
             self.history.append(self.digest)
+
+
+_LEN = struct.Struct(">Q").pack
 
 
 def transcript_message(c_hash: bytes, t: TranscriptSignature) -> bytes:

@@ -40,7 +40,6 @@ from .seal import (
     Session,
     Transcript,
     check_transcript,
-    chunk_parts,
     open_request,
     seal_request,
     sign_transcript,
@@ -154,11 +153,9 @@ class SealedStream:
                 if payload is None:
                     recv.check_end()
                     return None
-                parts = chunk_parts(payload)
-                if parts is None:
-                    chunk = self._not_fast(payload)
-                    parts = (chunk.seq, chunk.final, chunk.box)
-                data = recv.open_parts(*parts)
+                data = recv.open_frame(payload)
+                if data is None:
+                    data = recv.open(self._not_fast(payload))
                 if recv.finished:
                     self._end(data)
                     continue  # after the final chunk: read the clean end of stream

@@ -220,3 +220,10 @@ def test_non_shortest_chunk_takes_the_slow_path() -> None:
     assert msgpack.unpackb(long_form) == [1, 321, [1, False, b"x"]]
     assert chunk_parts(long_form) is None
     assert decode_frame(long_form) == c
+
+
+def test_out_of_range_chunks() -> None:
+    _, recv, _ = _pair()
+    for seq in (-1, -(2**63), 2**63, 2**64 - 1):
+        with pytest.raises(SealError, match="out of range"):
+            recv.open(SealedChunk(seq=seq, final=False, box=b"x" * 16))
