@@ -328,13 +328,14 @@ class Verifier:
         cached = self._cache.get(h)
         if cached is not None:
             self._cache.move_to_end(h)
-            self.hits += 1
             if isinstance(cached, AttestationError):
+                self.hits += 1
                 raise AttestationError(cached.reason, cached.detail)
-            check_claims(cached.claims, now=now, peer_id=peer_id)
-            if now >= cached.expires_at:
-                raise AttestationError("collateral_expired", "the collateral behind this verdict expired")
-            return cached.report, cached
+            if now < cached.expires_at and not (self.tdx is not None and now >= self.tdx.policy.not_after):
+                self.hits += 1
+                check_claims(cached.claims, now=now, peer_id=peer_id)
+                return cached.report, cached
+            del self._cache[h]  # expired: verify afresh, for the precise reason
         self.misses += 1
         try:
             report = wire.decode_as(AttestationReport, raw, max_size=MAX_REPORT)

@@ -239,7 +239,13 @@ def test_cache_hits_recheck_time_and_peer() -> None:
     assert (v.hits, v.misses) == (1, 1)
     assert _reason(v, raw, now=NOW + 2, peer_id=OTHER) == "wrong_peer"
     assert _reason(v, raw, now=NOW + 100) == "claims_expired"
-    assert v.hits == 3
+    assert v.hits == 2  # an expired entry is verified afresh (a miss) for the precise reason
+
+
+def test_cached_verdicts_end_with_the_policy() -> None:
+    v = _verifier(policy=_policy(not_after=NOW + 10))
+    v.check(SAMPLE_TDX, now=NOW)
+    assert _reason(v, SAMPLE_TDX, now=NOW + 10) == "policy_expired"
 
 
 def test_cache_is_bounded_and_remembers_sticky_failures() -> None:
