@@ -217,11 +217,14 @@ class ReportProvider:
     ) -> ReportProvider:
         """Tier ``tdx`` through configfs-tsm when ``tsm_root`` exists, else tier ``none``."""
         source = ConfigfsTsm(tsm_root) if ConfigfsTsm.available(tsm_root) else None
-        log.info(
-            "attestation tier: %s",
-            "tdx (configfs-tsm)" if source else "none (no TEE: the machine's owner can read prompts)",
-            extra={"peer_id": peer_id},
-        )
+        if source is None:
+            log.warning(
+                "attestation tier none: no TEE here, so whoever runs this machine can read prompts "
+                "(sealing still hides them from proxies and the network)",
+                extra={"peer_id": peer_id},
+            )
+        else:
+            log.info("attestation tier tdx via configfs-tsm at %s", tsm_root, extra={"peer_id": peer_id})
         return cls(
             peer_id=peer_id,
             sign=sign,

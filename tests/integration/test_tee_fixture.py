@@ -13,6 +13,8 @@ from pathlib import Path
 
 import attrs
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from node.tee import (
     INTEL_SGX_ROOT,
@@ -164,3 +166,35 @@ def test_error_table_maps_known_messages() -> None:
     assert reason_of("Verification failed: Failed to load root ca") == "untrusted_root"
     assert reason_of("Verification failed: Debug mode is enabled") == "debug_enabled"
     assert reason_of("something new") == "collateral_invalid"
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.integers(0, 5005), st.integers(1, 255)), min_size=1, max_size=3))
+def test_mutated_real_quote_gives_typed_errors(
+    raw: bytes, store: CollateralStore, ref: bytes, flips: list[tuple[int, int]]
+) -> None:
+    bad = bytearray(raw)
+    for pos, mask in flips:
+        bad[pos % len(bad)] ^= mask
+    outcome = "ok"
+    try:
+        _verifier(raw, store).check_quote(bytes(bad), now=NOW, collateral_ref=ref)
+    except AttestationError as e:  # typed; never a crash, never a panic from the Rust core
+        outcome = e.reason
+    assert outcome in {
+        "ok",
+        "bad_format",
+        "wrong_version",
+        "oversized",
+        "bad_signature",
+        "untrusted_root",
+    } | {
+        "collateral_invalid",
+        "collateral_expired",
+        "tcb_status",
+        "debug_enabled",
+        "measurement_not_allowed",
+        "platform_not_allowed",
+        "revoked",
+        "cert_expired",
+    }
