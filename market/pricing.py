@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import deque
 
 import attrs
@@ -89,11 +90,16 @@ class OfferPublisher:
         self.min_interval = min_interval
         self.current: Offer | None = None
         self._seqno = -1
+        self._last_issued = -math.inf  # s: issue time of the last body, withdrawals included
         self.withdrawn = False
 
     def _next_seqno(self, now: float) -> int:
         self._seqno = max(self._seqno + 1, int(now * 1000))
         return self._seqno
+
+    def _issued(self, now: float) -> float:
+        self._last_issued = now
+        return now
 
     def _body(self, now: float, prices: tuple[int, int], capacity: int) -> Offer:
         p = self.profile
@@ -111,20 +117,18 @@ class OfferPublisher:
             tier=p.tier,
             attestation_hash=p.attestation_hash,
             seqno=self._next_seqno(now),
-            issued_at=now,
+            issued_at=self._issued(now),
             expires_at=now + self.lifetime,
         )
 
     def tick(self, now: float, *, active: int = 0, queue_tokens: int = 0) -> Offer | None:
         """A new offer body to sign and publish now, or None if the current one still stands."""
-        if self.withdrawn:
+        if self.withdrawn or now - self._last_issued < self.min_interval:
             return None
         prices = self.policy.prices(active, self.profile.capacity, queue_tokens)
         cur = self.current
         if cur is not None:
             age = now - cur.issued_at
-            if age < self.min_interval:
-                return None
             moved = self.policy.moved((cur.price_prompt, cur.price_completion), prices)
             if age < self.refresh and not moved:
                 return None
@@ -140,6 +144,7 @@ class OfferPublisher:
         return self.current
 
     def resume(self) -> None:
+        """Publish again (the next tick, once ``min_interval`` has passed since the withdrawal)."""
         self.withdrawn = False
         self.current = None
 

@@ -95,7 +95,9 @@ class SimReport:
     offers_published: int  # honest offers (spam and forgeries excluded)
     propagation_p50: float  # s, publish -> first copy at a proxy candidate
     propagation_p99: float
-    delivery_ratio: float  # (offer, candidate) pairs delivered / published offers x candidates
+    delivery_ratio: (
+        float  # (offer, candidate) pairs delivered / offers published 5 s before the end x candidates
+    )
     matches: int
     unmatched: int
     stale_selections: int  # expired or withdrawn offers handed to clients
@@ -187,6 +189,7 @@ class Simulation:
         self.counts = dict.fromkeys(_COUNTERS, 0)
         self._arrivals: dict[int, dict[int, float]] = {}  # message -> node -> earliest scheduled arrival
         self._repair = (1 - cfg.drop) ** 2
+        self._first_copies: list[int] = []  # honest offer ids, once per (offer, candidate) first copy
 
     def _make_node(self, i: int) -> _Node:
         cfg = self.cfg
@@ -275,6 +278,7 @@ class Simulation:
         if node.proxy is not None and msg_id in self.offer_msgs:
             if msg_id not in self.spam_msgs and msg_id not in self.forged_msgs:
                 self.propagation.append(self.now - self.publish_time[msg_id])
+                self._first_copies.append(msg_id)
         if isinstance(rec, SignedCandidacy):
             ok = node.election.receive_candidacy(rec, self.now, source).accepted
         elif isinstance(rec, SignedOffer):
@@ -456,7 +460,10 @@ class Simulation:
             self.now = t
             fn(*args)
         honest = self.offer_msgs - self.spam_msgs - self.forged_msgs
-        expected_pairs = len(honest) * len(self.candidates)
+        settled = [m for m in honest if self.publish_time[m] <= cfg.duration - 5.0]  # not still in flight
+        settled_set = set(settled)
+        delivered = sum(1 for m in self._first_copies if m in settled_set)
+        expected_pairs = len(settled) * len(self.candidates)
         c = self.counts
         return SimReport(
             nodes=cfg.nodes,
@@ -468,7 +475,7 @@ class Simulation:
             offers_published=len(honest),
             propagation_p50=_percentile(self.propagation, 0.5),
             propagation_p99=_percentile(self.propagation, 0.99),
-            delivery_ratio=len(self.propagation) / expected_pairs if expected_pairs else float("nan"),
+            delivery_ratio=delivered / expected_pairs if expected_pairs else float("nan"),
             matches=c["matches"],
             unmatched=c["unmatched"],
             stale_selections=c["stale"],

@@ -147,3 +147,19 @@ def test_mutated_signed_records_decode_or_fail_cleanly(data: st.DataObject) -> N
     if isinstance(back, SignedOffer | SignedCandidacy) and back != rec:
         # A mutation that still decodes is never accepted as authentic.
         assert not (signature_valid(back) and peer_id_matches(back))
+
+
+@settings(max_examples=100, deadline=None)
+@given(data=st.binary(max_size=300), flip=st.integers(0, 64 * 8 - 1), mutate=st.booleans())
+def test_libsodium_verification_agrees_with_openssl(data: bytes, flip: int, mutate: bool) -> None:
+    from market.records import verify_signature
+    from overlay.identity import verify_signature as openssl_verify
+
+    sig = bytearray(ALICE.sign(data))
+    if mutate:
+        sig[flip // 8] ^= 1 << (flip % 8)
+    expected = openssl_verify(ALICE.public_key, bytes(sig), data)
+    assert verify_signature(ALICE.public_key, bytes(sig), data) == expected
+    assert expected == (not mutate)
+    assert not verify_signature(ALICE.public_key[:31], bytes(sig), data)
+    assert not verify_signature(b"\x00" * 32, bytes(sig), data)  # a small-order key never verifies
