@@ -238,6 +238,8 @@ class TorchEngine:
         model = self._model
         if model is None:
             raise InferenceError("engine closed")
+        if self.threads and torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)  # worker threads do not inherit it everywhere
         for src, dst, n in plan.moves:
             model.move_slot(src, dst, n)
         if plan.kind == "prefill":

@@ -15,7 +15,9 @@ by Python overhead per layer:
   a quarter of the bytes;
 - the KV cache is one tensor per layer for K and V, ``[slots, kv_heads,
   context, head_dim]``; a decode step over slots ``0..B-1`` reads them as
-  views.  Memory is committed lazily; :meth:`LlamaModel.ensure_initialized`
+  views;
+- the decode step's layer loop runs in TorchScript (:mod:`inference.kernels`),
+  which removes most of the Python and binding overhead per op.  Memory is committed lazily; :meth:`LlamaModel.ensure_initialized`
   zeroes cache rows before they are first read, so a masked position never
   holds garbage (0 * NaN would poison the output).
 
@@ -34,6 +36,8 @@ import torch
 import torch.nn.functional as F
 
 from overlay.errors import ModelLoadError
+
+from .kernels import decode_layers
 
 __all__ = [
     "Int8Linear",
@@ -168,6 +172,15 @@ class LlamaModel:
         ang = torch.outer(torch.arange(context, dtype=torch.float64), inv)
         self._freqs = torch.polar(torch.ones_like(ang), ang).to(torch.complex64)  # [context, d/2]
         self._arange = torch.arange(context)
+        # flat per-layer lists for the TorchScript decode loop (kernels.decode_layers)
+        self._attn_norms = [lw.attn_norm for lw in weights.layers]
+        self._ffn_norms = [lw.ffn_norm for lw in weights.layers]
+        linears = [f for lw in weights.layers for f in (lw.qkv, lw.o, lw.gate_up, lw.down)]
+        self._int8 = all(isinstance(f, Int8Linear) for f in linears)
+        if not self._int8 and not all(isinstance(f, Fp32Linear) for f in linears):
+            raise ValueError("all layers must use the same linear kind")
+        self._packed = [f.packed for f in linears if isinstance(f, Int8Linear)]
+        self._dense = [f.weight for f in linears if isinstance(f, Fp32Linear)]
 
     # ---------------------------------------------------------------- cache housekeeping
 
@@ -239,42 +252,36 @@ class LlamaModel:
         """One token for each of ``slots`` at ``positions``; logits [B, vocab]."""
         cfg = self.cfg
         b = len(slots)
-        h_, kv_, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        g = h_ // kv_
-        nqk = (h_ + kv_) * d
-        eps = cfg.rms_norm_eps
-        hid = (cfg.hidden_size,)
-        inter = cfg.intermediate_size
         span = max(positions) + 1
         for slot in slots:
             self.ensure_initialized(slot, span)
         pos = torch.tensor(positions)
-        contiguous = slots == list(range(b))
-        sl = torch.tensor(slots)
-        freqs = self._freqs[pos].unsqueeze(1)  # [b, 1, d/2]
-        mask = torch.zeros(b, 1, 1, span)
-        mask.masked_fill_(
-            (self._arange[:span].unsqueeze(0) > pos.unsqueeze(1)).view(b, 1, 1, span), -math.inf
+        mask = None
+        if min(positions) != span - 1:  # rows of different lengths: hide each row's future
+            mask = torch.zeros(b, 1, 1, span)
+            future = self._arange[:span].unsqueeze(0) > pos.unsqueeze(1)
+            mask.masked_fill_(future.view(b, 1, 1, span), -math.inf)
+        x = decode_layers(
+            self._embed(tokens),
+            self._freqs[pos].unsqueeze(1),
+            mask,
+            self._k,
+            self._v,
+            torch.tensor(slots),
+            pos,
+            slots == list(range(b)),
+            span,
+            self._attn_norms,
+            self._ffn_norms,
+            self._packed,
+            self._dense,
+            self._int8,
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+            cfg.intermediate_size,
+            cfg.rms_norm_eps,
         )
-        x = self._embed(tokens)
-        for i, lw in enumerate(self.w.layers):
-            h = F.rms_norm(x, hid, lw.attn_norm, eps)
-            qkv = lw.qkv(h)
-            qk = torch.view_as_real(torch.view_as_complex(qkv[:, :nqk].view(b, h_ + kv_, d // 2, 2)) * freqs)
-            kc, vc = self._k[i], self._v[i]
-            kc[sl, :, pos] = qk[:, h_:].reshape(b, kv_, d)
-            vc[sl, :, pos] = qkv[:, nqk:].view(b, kv_, d)
-            if contiguous:
-                keys, values = kc[:b, :, :span], vc[:b, :, :span]
-            else:
-                keys, values = kc[sl, :, :span], vc[sl, :, :span]
-            s = torch.matmul(qk[:, :h_].reshape(b, kv_, g, d), keys.transpose(-1, -2))
-            s += mask
-            o = torch.matmul(torch.softmax(s, dim=-1), values)
-            x = x + lw.o(o.view(b, h_ * d))
-            h = F.rms_norm(x, hid, lw.ffn_norm, eps)
-            gu = lw.gate_up(h)
-            x = x + lw.down(F.silu(gu[:, :inter]) * gu[:, inter:])
         for slot in slots:
             self.initialized[slot] = max(self.initialized[slot], span)
-        return self.w.lm_head(F.rms_norm(x, hid, self.w.norm, eps))
+        return self.w.lm_head(F.rms_norm(x, (cfg.hidden_size,), self.w.norm, cfg.rms_norm_eps))
