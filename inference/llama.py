@@ -17,9 +17,11 @@ by Python overhead per layer:
   context, head_dim]``; a decode step over slots ``0..B-1`` reads them as
   views;
 - the decode step's layer loop runs in TorchScript (:mod:`inference.kernels`),
-  which removes most of the Python and binding overhead per op.  Memory is committed lazily; :meth:`LlamaModel.ensure_initialized`
-  zeroes cache rows before they are first read, so a masked position never
-  holds garbage (0 * NaN would poison the output).
+  which removes most of the Python and binding overhead per op.
+
+KV-cache memory is committed lazily; :meth:`LlamaModel.ensure_initialized`
+zeroes cache rows before they are first read, so a masked position never
+holds garbage (0 * NaN would poison the output).
 
 :class:`LlamaModel` never touches Python threads or trio: the CPU engine
 calls it from its one model thread.
