@@ -50,6 +50,7 @@ __all__ = [
     "SignedOffer",
     "SignedRecord",
     "SignedVerdict",
+    "StatsRequest",
     "UsageReport",
     "Verdict",
     "SignatureCheck",
@@ -304,6 +305,14 @@ class ReportRequest:
 @attrs.frozen
 class ReportResponse:
     report: bytes = attrs.field(metadata=_w(max_len=60_000))
+
+
+@wire.message(215)
+@attrs.frozen
+class StatsRequest:
+    """Client -> proxy: the proxy's current statistics for a model (answered with SignedMarketStats)."""
+
+    model_id: str = attrs.field(metadata=_w(max_len=_MODEL))
 
 
 # --------------------------------------------------------------------------- signing
