@@ -1,0 +1,182 @@
+"""The market over real libp2p hosts on loopback: election, offer gossip, heartbeats, matching.
+
+One bootstrap node, 3 proxy candidates, 6 workers offering the tiny model and 2
+clients, each a real :class:`overlay.host.Overlay` (Noise, yamux, Kademlia,
+gossipsub) in this process.  Epochs are a few seconds long so that an election
+happens during the test.  Stake comes from an in-process ``StakeTable`` (the
+chain backend's per-epoch snapshot; the real chain is the TON package's
+business) and the epoch seed from the fixed test function.
+
+Not covered here: a generation through the matched worker (the inference
+package's network generation service does not exist yet).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+import pytest
+import trio
+
+from inference.tiny import write_tiny_model
+from market.client import MarketClient
+from market.core import ElectionView
+from market.directory import Candidate, Directory
+from market.election import ElectionParams, EpochClock
+from market.pricing import PricingPolicy, WorkerProfile
+from market.protocols import CANDIDACY_TOPIC, MarketOverlay, MarketSettings, offer_topic
+from market.service import ProxyService, WorkerLoadSample, WorkerService
+from market.testing import fixed_epoch_seed, ton_address
+from market.validation import StakeTable
+from overlay.host import Overlay
+from overlay.identity import Identity
+from tests.helpers import start_bootstrap, start_nodes
+
+pytestmark = pytest.mark.slow
+
+MODEL = "tiny-llama-test"
+SETTINGS = MarketSettings(
+    refresh=20.0,
+    lifetime=60.0,
+    tick=0.5,
+    heartbeat=0.5,
+    stats_every=2.0,
+    announce_every=1.0,
+    request_timeout=5.0,
+)
+
+
+def _model_hash(directory: Path) -> bytes:
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in ("model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        h.update((directory / name).read_bytes())
+    return h.digest()
+
+
+def _stake_of(amount: int) -> Callable[[int], int]:
+    return lambda epoch: amount
+
+
+def _has_elected(d: Directory) -> Callable[[], bool]:
+    return lambda: bool(d.elected())
+
+
+def _holds_offers_of(proxy: ProxyService, workers: set[str]) -> Callable[[], bool]:
+    return lambda: workers <= {r.body.peer_id for r in proxy.core.book.offers(MODEL, time.time())}
+
+
+def _has_load_of(proxy: ProxyService, worker: str) -> Callable[[], bool]:
+    return lambda: proxy.core.book.load_of(worker) is not None
+
+
+def _typed(ov: Overlay) -> MarketOverlay:
+    return ov  # the real overlay satisfies the market's Protocol (checked by mypy on this line)
+
+
+async def test_proxies_are_elected_offers_flow_and_clients_get_matches(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.ERROR)
+    write_tiny_model(tmp_path / "tiny")
+    model_hash = _model_hash(tmp_path / "tiny")
+    stakes = StakeTable()
+    async with AsyncExitStack() as stack:
+        boot = await start_bootstrap(stack)
+        overlays = await start_nodes(stack, 11, boot)
+        cand_ovs, worker_ovs, client_ovs = overlays[:3], overlays[3:9], overlays[9:]
+        everyone = [boot, *overlays]
+
+        # Short epochs, starting now: candidacies for epoch 2 are due by the start of epoch 1.
+        now = time.time()
+        clock = EpochClock(genesis=now - 0.5, length=4.0, lead=4.0, overlap=1.0)
+        params = ElectionParams(k=2, max_per_operator=2)
+
+        def view() -> ElectionView:
+            return ElectionView(clock, fixed_epoch_seed, stakes, params=params)
+
+        async with trio.open_nursery() as nursery:
+            dirs: dict[str, Directory] = {}
+            for i, ov in enumerate(everyone):
+                candidate = None
+                if ov in cand_ovs:
+                    stake = Identity.generate()
+                    address = ton_address(stake.public_key)
+                    stakes.set_key(address, stake.public_key)
+                    for epoch in range(-1, 40):
+                        stakes.set_stake(address, epoch, 10**9 * (i + 1))
+                    candidate = Candidate(stake, address, f"operator-{i}", _stake_of(10**9 * (i + 1)))
+                d = Directory(
+                    _typed(ov), ov.identity, view(), dht=ov.dht, candidate=candidate, settings=SETTINGS
+                )
+                dirs[ov.peer_id] = d
+                await nursery.start(d.run)
+            proxies = {}
+            for ov in cand_ovs:
+                p = ProxyService(ov, ov.identity, dirs[ov.peer_id], models=(MODEL,), settings=SETTINGS)
+                proxies[ov.peer_id] = p
+                await nursery.start(p.run)
+            rng = random.Random(5)
+            workers = []
+            for ov in worker_ovs:
+                addrs = tuple(a.rsplit("/p2p/", 1)[0] for a in ov.listen_addrs())
+                profile = WorkerProfile(
+                    ov.peer_id, ov.identity.public_key, addrs, MODEL, model_hash, capacity=4,
+                    max_context=2048, decode_tok_s=rng.uniform(20, 80),
+                )  # fmt: skip
+                floor = rng.randint(50, 150)
+                w = WorkerService(
+                    ov, ov.identity, profile, PricingPolicy(floor, 4 * floor), dirs[ov.peer_id],
+                    load=WorkerLoadSample, settings=SETTINGS,
+                )  # fmt: skip
+                workers.append(w)
+                await nursery.start(w.run)
+
+            # Gossip meshes form (heartbeat 1 s), then the election of epoch 2 happens everywhere.
+            with trio.fail_after(30):
+                for ov in everyone:
+                    await ov.wait_topic_peers(CANDIDACY_TOPIC, 1)
+                for d in dirs.values():
+                    await d.wait_until(_has_elected(d))
+            sets = {tuple(p.peer_id for p in d.elected()) for d in dirs.values()}
+            assert len(sets) == 1, sets
+            (elected,) = sets
+            assert len(elected) == 2
+            assert set(elected) <= {ov.peer_id for ov in cand_ovs}
+
+            # Every worker's offer reaches the elected proxies' books.
+            worker_ids = {ov.peer_id for ov in worker_ovs}
+            with trio.fail_after(30):
+                for pid in elected:
+                    await proxies[pid].wait_until(_holds_offers_of(proxies[pid], worker_ids))
+            # Heartbeats: each worker heartbeats its proxies among the elected ones.
+            with trio.fail_after(20):
+                for ov in worker_ovs:
+                    mine = [p for p in dirs[ov.peer_id].proxies_for(ov.peer_id) if p.peer_id in proxies]
+                    await proxies[mine[0].peer_id].wait_until(
+                        _has_load_of(proxies[mine[0].peer_id], ov.peer_id)
+                    )
+            assert all(w.heartbeats_acked > 0 for w in workers)
+
+            # Both clients get matches from their proxy, checked by the client itself.
+            for ov in client_ovs:
+                client = MarketClient(ov, dirs[ov.peer_id], settings=SETTINGS)
+                with trio.fail_after(15):
+                    match = await client.match(
+                        MODEL, max_price_prompt=10_000, max_price_completion=10_000, count=6
+                    )
+                assert match.proxy in elected
+                assert {r.body.peer_id for r in match.offers} <= worker_ids
+                assert len(match.offers) >= 3
+                stats = await client.stats(MODEL)
+                assert stats.body.live_offers == 6
+            assert all(ov.statistics().rejected == 0 for ov in everyone)
+            assert offer_topic(MODEL) in cand_ovs[0].statistics().topics
+            nursery.cancel_scope.cancel()
+    assert not [r for r in caplog.records if r.name.startswith("market")]
