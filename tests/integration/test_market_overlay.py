@@ -7,8 +7,9 @@ happens during the test.  Stake comes from an in-process ``StakeTable`` (the
 chain backend's per-epoch snapshot; the real chain is the TON package's
 business) and the epoch seed from the fixed test function.
 
-Not covered here: a generation through the matched worker (the inference
-package's network generation service does not exist yet).
+The workers serve generations with the real generation service and the real
+CPU engine on the tiny model; to keep the test light the six workers share one
+loaded engine (each through its own libp2p host and stream handler).
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ from pathlib import Path
 import pytest
 import trio
 
+from inference.cpu import TorchEngine
+from inference.messages import FinalChunk, GenerateRequest
+from inference.service import PROTOCOL_ID as GENERATE_PROTOCOL
+from inference.service import GenerationService, generate
 from inference.tiny import write_tiny_model
 from market.client import MarketClient
 from market.core import ElectionView
@@ -30,6 +35,8 @@ from market.directory import Candidate, Directory
 from market.election import ElectionParams, EpochClock
 from market.pricing import PricingPolicy, WorkerProfile
 from market.protocols import CANDIDACY_TOPIC, MarketOverlay, MarketSettings, offer_topic
+from market.records import UsageReport
+from market.reputation import Reputation
 from market.service import ProxyService, WorkerLoadSample, WorkerService
 from market.testing import fixed_epoch_seed, ton_address
 from market.validation import StakeTable
@@ -76,6 +83,10 @@ def _has_load_of(proxy: ProxyService, worker: str) -> Callable[[], bool]:
     return lambda: proxy.core.book.load_of(worker) is not None
 
 
+def _has_reputation(rep: Reputation, worker: str) -> Callable[[], bool]:
+    return lambda: rep.entry(worker) is not None
+
+
 def _typed(ov: Overlay) -> MarketOverlay:
     return ov  # the real overlay satisfies the market's Protocol (checked by mypy on this line)
 
@@ -87,7 +98,13 @@ async def test_proxies_are_elected_offers_flow_and_clients_get_matches(
     write_tiny_model(tmp_path / "tiny")
     model_hash = _model_hash(tmp_path / "tiny")
     stakes = StakeTable()
+    engine = TorchEngine(
+        tmp_path / "tiny", model_id=MODEL, weights="fp32", slots=4, context=256, threads=1, seed=7
+    )
+    await engine.load()
+    generation = GenerationService({MODEL: engine})
     async with AsyncExitStack() as stack:
+        stack.push_async_callback(engine.close)
         boot = await start_bootstrap(stack)
         overlays = await start_nodes(stack, 11, boot)
         cand_ovs, worker_ovs, client_ovs = overlays[:3], overlays[3:9], overlays[9:]
@@ -136,6 +153,7 @@ async def test_proxies_are_elected_offers_flow_and_clients_get_matches(
                     load=WorkerLoadSample, settings=SETTINGS,
                 )  # fmt: skip
                 workers.append(w)
+                ov.set_stream_handler(GENERATE_PROTOCOL, generation.handle)
                 await nursery.start(w.run)
 
             # Gossip meshes form (heartbeat 1 s), then the election of epoch 2 happens everywhere.
@@ -176,6 +194,23 @@ async def test_proxies_are_elected_offers_flow_and_clients_get_matches(
                 assert len(match.offers) >= 3
                 stats = await client.stats(MODEL)
                 assert stats.body.live_offers == 6
+
+                # ... and a generation from the chosen worker, straight from the worker (not via the proxy).
+                offer = match.offers[0].body
+                request = GenerateRequest(
+                    f"req-{ov.peer_id[-6:]}", MODEL, 8, prompt="The capital of France is",
+                    temperature=0.0, ignore_eos=True,
+                )  # fmt: skip
+                with trio.fail_after(30):
+                    stream = await ov.open_stream(offer.peer_id, GENERATE_PROTOCOL, addrs=offer.addrs)
+                    chunks = [c async for c in generate(stream, request)]
+                final = chunks[-1]
+                assert isinstance(final, FinalChunk)
+                assert final.completion_tokens == 8
+                await client.report(match.proxy, UsageReport(offer.peer_id, True, 8, 8))
+                rep = proxies[match.proxy].core.reputation
+                with trio.fail_after(10):
+                    await proxies[match.proxy].wait_until(_has_reputation(rep, offer.peer_id))
             assert all(ov.statistics().rejected == 0 for ov in everyone)
             assert offer_topic(MODEL) in cand_ovs[0].statistics().topics
             nursery.cancel_scope.cancel()
