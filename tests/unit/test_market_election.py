@@ -256,3 +256,35 @@ def test_view_active_set_and_attach_follow_the_epochs() -> None:
     assert v.is_active_proxy(top[0], at)
     v.prune(CLOCK.start(EPOCH + 3))
     assert v.pool.epochs() == []
+
+
+def _bad_candidacies(stakes: StakeTable) -> list[SignedCandidacy]:
+    evil, evil_stake = seeded_identity(0, "evil"), seeded_identity(1, "evil")
+    good = candidacies(3)
+    out = [
+        make_candidacy(evil, evil_stake, epoch=EPOCH, now=ISSUED, amount=10**9),  # stake not on the chain
+        attrs.evolve(good[0], body=attrs.evolve(good[0].body, stake_amount=10**9)),  # tampered
+        make_candidacy(evil, evil_stake, epoch=EPOCH, now=ISSUED + 1000, stakes=stakes),  # from the future
+        make_candidacy(evil, evil_stake, epoch=EPOCH, now=CLOCK.cutoff(EPOCH) + 1, stakes=stakes),  # too late
+    ]
+    body = attrs.evolve(good[1].body, candidate_key=evil.public_key, peer_id=evil.peer_id)
+    data = wire.encode(body)
+    out.append(SignedCandidacy(body=body, signature=evil.sign(data), stake_signature=evil.sign(data)))
+    return out
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.randoms(use_true_random=False), st.lists(st.integers(0, 4), max_size=15))
+def test_bad_candidacies_in_any_order_never_change_the_election(
+    rnd: random.Random, bad_picks: list[int]
+) -> None:
+    stakes = StakeTable()
+    good = candidacies(10, stakes=stakes)
+    bad = _bad_candidacies(stakes)
+    reference = elect(good, EPOCH, fixed_epoch_seed(EPOCH), ElectionParams(k=8))
+    stream = good + [bad[i] for i in bad_picks] + good[:3]
+    rnd.shuffle(stream)
+    v = view(stakes)
+    for rec in stream:
+        v.receive_candidacy(rec, ISSUED + 60 if rec.body.issued_at <= ISSUED else CLOCK.cutoff(EPOCH) + 2)
+    assert v.proxies(EPOCH) == reference
