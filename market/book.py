@@ -230,6 +230,10 @@ class OfferBook:
         self._verdicts[key] = rec
         return True
 
+    def verdict(self, worker_peer_id: str, report_hash: bytes) -> SignedVerdict | None:
+        """The newest verdict kept on a worker's report, whatever its status."""
+        return self._verdicts.get((worker_peer_id, report_hash))
+
     def verdict_for(self, rec: SignedOffer, now: float) -> SignedVerdict | None:
         """The ``ok`` verdict that endorses an offer of an attested tier, if any."""
         o = rec.body

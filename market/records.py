@@ -129,7 +129,7 @@ class Offer:
     max_context: int  # tokens
     decode_tok_s: float  # measured decode speed, tokens/s
     tier: str = attrs.field(metadata=_w(max_len=16))  # one of TIERS
-    # SHA-256 of the attestation report; b"" for "none"
+    # SHA-256 of the attestation report (b"" or a tier-none report carrying the sealing keys)
     attestation_hash: bytes = attrs.field(metadata=_w(max_len=_HASH))
     seqno: int  # strictly increasing per worker (a millisecond timestamp survives restarts)
     issued_at: float  # seconds

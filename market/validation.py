@@ -188,8 +188,8 @@ def _check_offer_schema(rec: SignedOffer, limits: MarketLimits) -> str | None:
         return "bad model id or hash"
     if o.tier in ATTESTED_TIERS and len(o.attestation_hash) != _HASH:
         return "attested tier without a report hash"
-    if o.tier not in ATTESTED_TIERS and o.attestation_hash:
-        return "report hash on an unattested tier"
+    if len(o.attestation_hash) not in (0, _HASH):
+        return "bad report hash"  # tier none may name a report too (it carries the sealing keys)
     if not (0 <= o.price_prompt <= limits.max_price and 0 <= o.price_completion <= limits.max_price):
         return "absurd price"
     if not 0 <= o.capacity <= limits.max_capacity:

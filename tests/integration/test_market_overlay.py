@@ -14,6 +14,7 @@ loaded engine (each through its own libp2p host and stream handler).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 import time
@@ -21,6 +22,7 @@ from collections.abc import Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
 
+import attrs
 import pytest
 import trio
 
@@ -31,7 +33,7 @@ from inference.service import GenerationService, generate
 from inference.tiny import write_tiny_model
 from market.client import MarketClient
 from market.core import ElectionView
-from market.directory import Candidate, Directory
+from market.directory import Candidate, Directory, ProxyRef
 from market.election import ElectionParams, EpochClock
 from market.pricing import PricingPolicy, WorkerProfile
 from market.protocols import CANDIDACY_TOPIC, MarketOverlay, MarketSettings, offer_topic
@@ -215,3 +217,76 @@ async def test_proxies_are_elected_offers_flow_and_clients_get_matches(
             assert offer_topic(MODEL) in cand_ovs[0].statistics().topics
             nursery.cancel_scope.cancel()
     assert not [r for r in caplog.records if r.name.startswith("market")]
+
+
+async def test_attested_worker_is_endorsed_and_an_impostor_is_not(caplog: pytest.LogCaptureFixture) -> None:
+    """Tier tdx through the market with the real verifier (node.tee) and the test TEE (no TDX here)."""
+    from node.tee import ReportProvider, SyntheticQuoteSource, SyntheticTee, TdxVerifier, TeePolicy, Verifier
+
+    caplog.set_level(logging.ERROR)
+    tee = SyntheticTee(b"market-test-tee".ljust(32, b"\0"))
+    policy = TeePolicy(
+        seq=1, issued_at=0, not_after=int(time.time()) + 86_400, measurements=(tee.measurement,)
+    )
+    verifier = Verifier(tdx=TdxVerifier(policy=policy, roots=(tee.root,)))
+    model_hash = bytes(range(32))
+    settings = attrs.evolve(SETTINGS, refresh=1.0)
+    async with AsyncExitStack() as stack:
+        boot = await start_bootstrap(stack)
+        honest_ov, impostor_ov, client_ov = await start_nodes(stack, 3, boot)
+        provider = ReportProvider(
+            peer_id=honest_ov.peer_id, sign=honest_ov.identity.sign, model_id=MODEL, model_hash=model_hash,
+            quote_source=SyntheticQuoteSource(tee),
+        )  # fmt: skip
+        await provider.rotate(epoch=1, beacon=bytes(32), now=int(time.time()), lifetime=600)
+        assert provider.current is not None
+        report = provider.current.raw
+        clock = EpochClock(genesis=0.0, length=3600.0, lead=3600.0, overlap=300.0)
+        boot_addrs = tuple(a.rsplit("/p2p/", 1)[0] for a in boot.listen_addrs())
+        boot_ref = (ProxyRef(boot.peer_id, boot_addrs),)
+
+        def directory(ov: Overlay) -> Directory:
+            view = ElectionView(clock, fixed_epoch_seed, StakeTable())
+            return Directory(ov, ov.identity, view, bootstrap=boot_ref, settings=settings)
+
+        async with trio.open_nursery() as nursery:
+            proxy = ProxyService(
+                boot, boot.identity, directory(boot), models=(MODEL,), verifier=verifier, settings=settings
+            )
+            await nursery.start(proxy.run)
+            for ov in (honest_ov, impostor_ov):
+                addrs = tuple(a.rsplit("/p2p/", 1)[0] for a in ov.listen_addrs())
+                profile = WorkerProfile(
+                    ov.peer_id, ov.identity.public_key, addrs, MODEL, model_hash, capacity=2,
+                    max_context=2048, decode_tok_s=30.0, tier="tdx",
+                )  # fmt: skip
+                # The impostor serves the honest worker's report as its own.
+                worker = WorkerService(
+                    ov, ov.identity, profile, PricingPolicy(10, 40), directory(ov), report=report,
+                    settings=settings,
+                )  # fmt: skip
+                await nursery.start(worker.run)
+            with trio.fail_after(30):
+                await proxy.wait_until(_verdicts_on(proxy, {honest_ov.peer_id, impostor_ov.peer_id}))
+            client = MarketClient(client_ov, directory(client_ov), settings=settings)
+            match = await client.match(
+                MODEL, max_price_prompt=1000, max_price_completion=1000, min_tier="tdx", count=4
+            )
+            assert [r.body.peer_id for r in match.offers] == [honest_ov.peer_id]
+            verdicts = [(v.body.worker_peer_id, v.body.status) for v in match.verdicts]
+            assert verdicts == [(honest_ov.peer_id, "ok")]
+            rejected = proxy.core.book.verdict(impostor_ov.peer_id, hashlib.sha256(report).digest())
+            assert rejected is not None
+            assert (rejected.body.status, rejected.body.reason) == ("rejected", "wrong_peer")
+            nursery.cancel_scope.cancel()
+
+
+def _verdicts_on(proxy: ProxyService, workers: set[str]) -> Callable[[], bool]:
+    """The proxy holds a verdict (ok or not) on the report of each worker's current offer."""
+
+    def done() -> bool:
+        book = proxy.core.book
+        offers = [book.get(w) for w in workers]
+        return all(r is not None and book.verdict(r.body.peer_id, r.body.attestation_hash) for r in offers)
+
+    return done

@@ -57,7 +57,7 @@ def test_valid_offer_is_accepted() -> None:
         ({"decode_tok_s": 0.0}, "absurd decode speed"),
         ({"tier": "sgx-maybe"}, "unknown tier"),
         ({"tier": "tdx"}, "attested tier without a report hash"),
-        ({"attestation_hash": b"h" * 32}, "report hash on an unattested tier"),
+        ({"attestation_hash": b"h" * 31}, "bad report hash"),
         ({"model_hash": b"short"}, "bad model id or hash"),
         ({"seqno": -5}, "negative seqno"),
         ({"expires_at": 50.0}, "bad validity window"),
