@@ -15,10 +15,15 @@ drops the core and reloads the last persisted record; nothing unsent was ever se
 so the reused seqno is safe.
 
 Settling: :meth:`Channel.tick` applies a :class:`SettlementPolicy` (unsettled value above a
-threshold, a timer, or a share of the deposit) and returns :class:`Settle`; the shell then runs
-:meth:`Channel.propose` -> peer :meth:`Channel.receive_proposal` -> :meth:`Channel.receive_signature`,
-which yields a :class:`Submit` with the message body both signatures make valid on chain.
-After a cooperative close proposal is signed, no more payments are made.
+threshold, a timer, or a share of the deposit; a close after a long idle time) and returns
+:class:`Settle`; the shell then runs :meth:`Channel.propose` -> peer
+:meth:`Channel.receive_proposal` -> :meth:`Channel.receive_signature`, which yields a
+:class:`Submit` with the message body both signatures make valid on chain. After a cooperative
+close proposal is signed, no more payments are made.
+
+A co-signer accepts a proposal that records *less* than it knows it sent (a payment may be in
+flight while the peer proposes) or *more* than it knows it received: both only favour it. It
+never signs away value it holds: the peer's part must be at least the latest peer state it has.
 """
 
 from __future__ import annotations
@@ -120,6 +125,7 @@ class SettlementPolicy:
     interval: float = 24 * 3600.0  # seconds between commits while value is unsettled
     deposit_share: float = 0.5  # commit when unsettled exceeds this share of the payer's deposit
     withdraw: bool = True  # a commit withdraws the receiver's earned balance
+    close_idle: float = 7 * 24 * 3600.0  # seconds without a session before a cooperative close (0: never)
 
 
 def _cid_bytes(channel_id: int) -> bytes:
@@ -305,6 +311,17 @@ class Channel:
             raise InsufficientFunds(f"peer state sends {st.sent}, more than its {limit}")
         return st.sent - self.r.peer_sent
 
+    def check_old_state(self, st: PayState) -> None:
+        """A state the peer signed before its latest one (it arrived late, on another stream):
+        changes nothing; raises unless it is genuine and consistent with the latest."""
+        if st.channel_id != self.cid or st.party != self.peer:
+            raise WrongChannel("state for another channel or party")
+        if not (0 <= st.seqno < self.r.peer_seqno and 0 <= st.sent <= self.r.peer_sent):
+            raise StaleState("not an earlier state of the peer")
+        h = C.state_hash(self.params.channel_id, st.party, st.seqno, st.sent)
+        if not verify(self.params.key_of(self.peer), h, st.signature):
+            raise BadSignature("peer state signature does not verify")
+
     def receive_state(self, st: PayState) -> list[Effect]:
         """Accept a peer state; effects: Persist, Received(delta). Duplicates of the latest: []."""
         self._check_not_frozen()
@@ -345,7 +362,10 @@ class Channel:
             committed_seqno_b=data.seqno_b,
             committed_sent_a=data.sent_a,
             committed_sent_b=data.sent_b,
-            last_settled_at=now if committed_moved else r.last_settled_at,
+            last_settled_at=now
+            if committed_moved or (r.last_settled_at == 0 and now > 0)
+            else r.last_settled_at,
+            last_activity=r.last_activity or now,
             pending=pending,
             cosigned=None if committed_moved else r.cosigned,
         )
@@ -356,14 +376,23 @@ class Channel:
 
     # ---- settlement
 
+    def note_activity(self, now: float) -> None:
+        """A session used the channel at ``now`` (kept in memory; persisted with the next update)."""
+        if now > self.r.last_activity:
+            self.r = attrs.evolve(self.r, last_activity=now)
+
     def tick(self, now: float) -> list[Effect]:
         """Apply the settlement policy; returns at most one Settle until the chain moves."""
         if self.phase is not Phase.OPEN or self._settle_requested:
             return []
+        p = self.policy
+        idle_since = self.r.last_activity
+        if p.close_idle > 0 and idle_since > 0 and now - idle_since >= p.close_idle:
+            self._settle_requested = True
+            return [Settle("close", "idle")]
         unsettled = self.unsettled()
         if unsettled <= 0:
             return []
-        p = self.policy
         reason = ""
         if unsettled >= p.threshold:
             reason = "threshold"
@@ -407,7 +436,10 @@ class Channel:
             raise ChannelError(f"channel is {self.phase}")
         sa, sb, xa, xb = self._states()
         if (sa, sb) == (self.r.committed_seqno_a, self.r.committed_seqno_b):
-            raise ChannelError("nothing new to commit")
+            if not close:
+                raise ChannelError("nothing new to commit")
+            self._bump_own_seqno()  # the contract wants a newer seqno even to close an idle channel
+            sa, sb, xa, xb = self._states()
         wd_a, wd_b = self.r.withdrawn_a, self.r.withdrawn_b
         if not close and self.policy.withdraw:
             bal_a, bal_b = self._balances(xa, xb, wd_a, wd_b)
@@ -420,16 +452,53 @@ class Channel:
         self.r = attrs.evolve(self.r, pending=p, phase=Phase.CLOSING.value if close else self.r.phase)
         return [self._persist(), Send(p)]
 
+    def _bump_own_seqno(self) -> None:
+        """Sign our current cumulative amount again at the next seqno (sends nothing more)."""
+        own_seqno, own_sent = max((self.r.own_seqno, self.r.own_sent), self._committed(self.me))
+        seqno = own_seqno + 1
+        if seqno > MAX_SEQNO:
+            raise ChannelError("seqno space exhausted")
+        sig = self.key.sign(C.state_hash(self.params.channel_id, self.me, seqno, own_sent))
+        self.r = attrs.evolve(self.r, own_seqno=seqno, own_sent=own_sent, own_sig=sig)
+
+    def _proposal_fits(self, p: CommitProposal) -> bool:
+        """Our part at most what we signed (and not below the chain), the peer's part at least
+        what we hold of it: a proposal that fits only ever favours us."""
+        sa, sb, xa, xb = self._states()
+        mine = (p.seqno_a, p.sent_a) if self.me == PARTY_A else (p.seqno_b, p.sent_b)
+        theirs = (p.seqno_b, p.sent_b) if self.me == PARTY_A else (p.seqno_a, p.sent_a)
+        own_latest = (sa, xa) if self.me == PARTY_A else (sb, xb)
+        peer_latest = (sb, xb) if self.me == PARTY_A else (sa, xa)
+        own_committed = self._committed(self.me)
+        peer_committed = self._committed(self.peer)
+        for part, committed in ((mine, own_committed), (theirs, peer_committed)):
+            if part[0] == committed[0] and part[1] != committed[1]:
+                return False  # the contract would refuse a changed amount at a committed seqno
+        return (
+            own_committed[0] <= mine[0] <= own_latest[0]
+            and own_committed[1] <= mine[1] <= own_latest[1]
+            and theirs[0] >= peer_latest[0]
+            and theirs[1] >= peer_latest[1]
+            and max(theirs[0], mine[0]) <= MAX_SEQNO
+            and max(theirs[1], mine[1]) <= MAX_AMOUNT
+        )
+
+    def check_proposal_signature(self, p: CommitProposal) -> None:
+        """The proposer's signature (and channel) only: cheap to check before anything else."""
+        if p.channel_id != self.cid:
+            raise WrongChannel("proposal for another channel")
+        if not verify(self.params.key_of(self.peer), self._payload_hash(p), p.signature):
+            raise BadSignature("proposal signature does not verify")
+
     def receive_proposal(self, p: CommitProposal) -> list[Effect]:
-        """Co-sign a proposal that matches our view exactly; anything else raises."""
+        """Co-sign a proposal that fits our view (see the module docstring); anything else raises."""
         self._check_not_frozen()
         if p.channel_id != self.cid:
             raise WrongChannel("proposal for another channel")
         if self.phase is not Phase.OPEN:
             raise ChannelError(f"channel is {self.phase}")
-        sa, sb, xa, xb = self._states()
-        if (p.seqno_a, p.seqno_b, p.sent_a, p.sent_b) != (sa, sb, xa, xb):
-            raise StaleState("proposal does not carry the latest states")
+        if not self._proposal_fits(p):
+            raise StaleState("proposal does not carry states we can sign")
         if not close_ok(p, self):
             raise InsufficientFunds("proposal withdraws more than a balance")
         if not verify(self.params.key_of(self.peer), self._payload_hash(p), p.signature):
@@ -453,10 +522,19 @@ class Channel:
             )
         ]
 
+    def cosigned_close(self) -> Submit | None:
+        """The close we co-signed, as a body we can submit ourselves if the proposer does not."""
+        p = self.r.cosigned
+        if p is None or not p.close:
+            return None
+        mine = self.key.sign(self._payload_hash(p))  # Ed25519 is deterministic: the same signature
+        sig_a, sig_b = (mine, p.signature) if self.me == PARTY_A else (p.signature, mine)
+        return Submit("close", cooperative_body(self.params.channel_id, p, sig_a, sig_b))
+
 
 def close_ok(p: CommitProposal, ch: Channel) -> bool:
-    """Withdrawals do not go down and leave both balances non-negative."""
-    if p.withdraw_a < ch.r.withdrawn_a or p.withdraw_b < ch.r.withdrawn_b:
+    """Withdrawals do not go down and leave both balances non-negative (a close carries none)."""
+    if not p.close and (p.withdraw_a < ch.r.withdrawn_a or p.withdraw_b < ch.r.withdrawn_b):
         return False
     wd_a, wd_b = (ch.r.withdrawn_a, ch.r.withdrawn_b) if p.close else (p.withdraw_a, p.withdraw_b)
     bal_a, bal_b = ch._balances(p.sent_a, p.sent_b, wd_a, wd_b)

@@ -1,6 +1,8 @@
 """Wire messages of the ton package (tags 400-499).
 
-400-419  channel: signed states, cooperative commit/close negotiation, the persisted record
+400-403  channel: signed states, cooperative commit/close negotiation, the persisted record
+404-419  channel opening and the control protocol ``/cocoon/pay/1`` (see ``ton.manager``),
+         and the per-channel metadata the payment manager persists
 420-439  metering: session open/accept, worker receipts, payments bound to a session, close
 450-479  local chain RPC (requests and replies, see ``ton.rpc``)
 
@@ -21,9 +23,14 @@ def _w(max_len: int) -> dict[str, dict[str, int]]:
 
 
 __all__ = [
+    "ChannelCheck",
+    "ChannelChecked",
+    "ChannelMeta",
     "ChannelRecord",
     "CommitProposal",
     "CommitSignature",
+    "OpenAccept",
+    "OpenChannel",
     "PayState",
     "Receipt",
     "SessionAccept",
@@ -96,6 +103,72 @@ class ChannelRecord:
     last_settled_at: float
     pending: CommitProposal | None = None
     cosigned: CommitProposal | None = None
+    last_activity: float = 0.0  # when a session last used the channel (idle close)
+
+
+@wire.message(404)
+@attrs.frozen
+class OpenChannel:
+    """Payer -> payee, first message of an open: the payer's half of the channel parameters."""
+
+    nonce: bytes = attrs.field(metadata=_w(32))  # fresh random: half of the channel id
+    key: bytes = attrs.field(metadata=_w(32))  # the payer's Ed25519 channel key
+    address: str = attrs.field(metadata=_w(80))  # the payer's payout address (its wallet)
+    deposit: int  # nanoTON the payer will deposit
+    quarantine: int  # seconds
+    fine: int  # nanoTON
+
+
+@wire.message(405)
+@attrs.frozen
+class OpenAccept:
+    """Payee -> payer: the payee's half; both sides derive the channel id and address."""
+
+    nonce: bytes = attrs.field(metadata=_w(32))
+    key: bytes = attrs.field(metadata=_w(32))
+    address: str = attrs.field(metadata=_w(80))
+    channel_id: bytes = attrs.field(metadata=_w(16))  # derived from both nonces and keys
+    channel_address: str = attrs.field(metadata=_w(80))  # the contract's address, "0:<hex>"
+
+
+@wire.message(406)
+@attrs.frozen
+class ChannelCheck:
+    """Asks the counterparty to read this channel on chain now (after a deploy, top-up, settlement)."""
+
+    channel_id: bytes = attrs.field(metadata=_w(16))
+
+
+@wire.message(407)
+@attrs.frozen
+class ChannelChecked:
+    """The counterparty verified the channel on chain and adopted what it saw."""
+
+    channel_id: bytes = attrs.field(metadata=_w(16))
+    status: str = attrs.field(metadata=_w(16))  # "open" | "closed" | ...
+    deposit_a: int
+    deposit_b: int
+    seqno_a: int  # committed seqnos the counterparty now knows
+    seqno_b: int
+
+
+@wire.message(408)
+@attrs.frozen
+class ChannelMeta:
+    """What the payment manager persists beside each channel's record."""
+
+    channel_id: bytes = attrs.field(metadata=_w(16))
+    me: int  # our party: 0 = A (payer), 1 = B (payee)
+    peer_id: str = attrs.field(metadata=_w(128))
+    key_a: bytes = attrs.field(metadata=_w(32))
+    key_b: bytes = attrs.field(metadata=_w(32))
+    addr_a: str = attrs.field(metadata=_w(80))
+    addr_b: str = attrs.field(metadata=_w(80))
+    quarantine: int
+    fine: int
+    status: str = attrs.field(metadata=_w(16))  # proposed | deploying | open | closing | closed | failed
+    created_at: float
+    deposit: int  # the deposit the payer announced
 
 
 @wire.message(420)

@@ -169,8 +169,8 @@ class WorkerMeter:
         self.last_receipt_at = self.sent
         return sign_receipt(self.key, Receipt(self.session_id, self.sent, self.chain, final, b""))
 
-    def on_payment(self, p: SessionPayment, received: int, now: float) -> None:
-        """``received`` is what the channel core credited for ``p.state`` (nanoTON)."""
+    def check_payment(self, p: SessionPayment) -> int:
+        """Validate a payment without changing anything; returns the nanoTON it adds."""
         if p.session_id != self.session_id:
             raise MeteringError("payment for another session")
         if p.tokens < self.paid_tokens or p.tokens > self.sent:
@@ -179,6 +179,13 @@ class WorkerMeter:
             )
         if p.amount != self.prices.cost(self.prompt_tokens, p.tokens):
             raise MeteringError("payment amount does not match the session's prices")
+        if p.amount < self.paid_amount:
+            raise MeteringError("session amount went down")
+        return p.amount - self.paid_amount
+
+    def on_payment(self, p: SessionPayment, received: int, now: float) -> None:
+        """``received`` is what the channel credited to this session for ``p`` (nanoTON)."""
+        self.check_payment(p)
         if received != p.amount - self.paid_amount:
             raise MeteringError(f"channel credited {received}, session says {p.amount - self.paid_amount}")
         self.paid_tokens, self.paid_amount = p.tokens, p.amount
@@ -310,10 +317,17 @@ class Forwarder:
         self.worker_paid = 0
         self.tokens = -1
 
-    def on_client_payment(self, p: SessionPayment, received: int) -> PayFor:
+    def check_client_payment(self, p: SessionPayment) -> int:
+        """Validate a client payment without changing anything; returns the nanoTON it adds."""
         expected = self.client_prices.cost(self.prompt_tokens, p.tokens)
-        if p.amount != expected or received != p.amount - self.client_paid or p.tokens < self.tokens:
+        if p.amount != expected or p.tokens < self.tokens or p.amount < self.client_paid:
             raise MeteringError("client payment does not match the session's prices")
+        return p.amount - self.client_paid
+
+    def on_client_payment(self, p: SessionPayment, received: int) -> PayFor:
+        """``received`` is what the client's channel credited to this session for ``p``."""
+        if received != self.check_client_payment(p):
+            raise MeteringError("client payment does not match what the channel credited")
         self.client_paid = p.amount
         self.tokens = p.tokens
         total = self.worker_prices.cost(self.prompt_tokens, p.tokens)

@@ -2,12 +2,16 @@
 channel contract's messages (deploy + top-up, cooperative commit/close, uncooperative close,
 challenge, finish). Each returns the channel's transaction (its exit code is the contract's
 verdict), waiting for it on the chain with a bounded timeout.
+
+A wallet's transfers must not overlap (each needs the next seqno): every :class:`WalletOps`
+of one wallet shares one ``trio.Lock`` (pass ``lock=``; :class:`ChannelOps` passes it on).
 """
 
 from __future__ import annotations
 
 import logging
 
+import trio
 from pytoniq.contract.contract import Contract
 from pytoniq_core.boc.address import Address
 from pytoniq_core.boc.cell import Cell
@@ -36,14 +40,21 @@ def external_message(dest: str, body: Cell) -> Cell:
 class WalletOps:
     """Signed transfers from one wallet."""
 
-    def __init__(self, chain: ChainClient, wallet: Wallet, *, timeout: float = 60.0) -> None:
+    def __init__(
+        self, chain: ChainClient, wallet: Wallet, *, timeout: float = 60.0, lock: trio.Lock | None = None
+    ) -> None:
         self.chain = chain
         self.wallet = wallet
         self.address = wallet.address()
         self.timeout = timeout
+        self.lock = lock or trio.Lock()
 
     async def send(self, transfers: list[Transfer]) -> TxInfo:
         """Send ``transfers`` in one external message; returns the wallet's transaction."""
+        async with self.lock:
+            return await self._send(transfers)
+
+    async def _send(self, transfers: list[Transfer]) -> TxInfo:
         info = await self.chain.get_account(self.address)
         seqno = await self.chain.wallet_seqno(self.address) if info.status == "active" else 0
         now = await self.chain.now()
@@ -58,9 +69,17 @@ class WalletOps:
 class ChannelOps:
     """The channel contract's operations, as one party (its wallet pays gas and deposits)."""
 
-    def __init__(self, chain: ChainClient, wallet: Wallet, params: C.ChannelParams, *, timeout: float = 60.0):
+    def __init__(
+        self,
+        chain: ChainClient,
+        wallet: Wallet,
+        params: C.ChannelParams,
+        *,
+        timeout: float = 60.0,
+        lock: trio.Lock | None = None,
+    ):
         self.chain = chain
-        self.wallet = WalletOps(chain, wallet, timeout=timeout)
+        self.wallet = WalletOps(chain, wallet, timeout=timeout, lock=lock)
         self.params = params
         self.address = params.address()
         self.timeout = timeout
@@ -69,19 +88,11 @@ class ChannelOps:
         return (await self.chain.get_account(self.address)).last_lt
 
     async def _via_wallet(self, body: Cell, value: int, *, deploy: bool = False) -> TxInfo:
-        before = await self._last_lt()
-        await self.wallet.send(
-            [
-                Transfer(
-                    self.address,
-                    value,
-                    body,
-                    self.params.state_init() if deploy else None,
-                    bounce=not deploy,
-                )
-            ]
-        )
-        return await self.chain.wait_transaction(self.address, before, self.timeout)
+        async with self.wallet.lock:  # one wallet operation at a time, through to the channel's tx
+            before = await self._last_lt()
+            si = self.params.state_init() if deploy else None
+            await self.wallet._send([Transfer(self.address, value, body, si, bounce=not deploy)])
+            return await self.chain.wait_transaction(self.address, before, self.timeout)
 
     async def top_up(self, party: int, amount: int) -> TxInfo:
         """Deposit ``amount`` for ``party``; deploys the channel on its first top-up."""

@@ -9,6 +9,12 @@ client calls :meth:`PayerSession.received` for each chunk it got.
 :class:`ChannelShell` runs a channel core: under one lock it applies the core's effects in order,
 writing every Persist to the KVStore (fsync, in a worker thread) before anything is sent.
 A proxy runs :func:`forward_session` between a client's payment stream and a worker's.
+
+Several sessions may share one channel, each on its own stream, so the payee may see the payer's
+cumulative states out of order (state n+1 for session 2 before state n for session 1). The
+shell keeps a per-channel *pool*: what newer states added and no session has claimed yet. A
+session payment claims its increase from the pool; a late earlier state adds nothing but is
+still checked. The payee thus never credits a session with money the channel did not receive.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from overlay.streams import MessageStream, expect
 from .channel import Channel, Persist, Received, Send, Submit
 from .keys import KeyPair
 from .messages import PayState, Receipt, SessionAccept, SessionClose, SessionOpen, SessionPayment
-from .metering import Abort, Forwarder, MeterConfig, PayerMeter, PayFor, Prices, WorkerMeter
+from .metering import Abort, Forwarder, MeterConfig, MeteringError, PayerMeter, PayFor, Prices, WorkerMeter
 from .store import KVStore
 
 __all__ = ["ChannelShell", "PayerSession", "SessionAborted", "WorkerSession", "forward_session"]
@@ -44,6 +50,7 @@ class ChannelShell:
         self.core = core
         self.store = store
         self.lock = trio.Lock()
+        self.pool = 0  # nanoTON received on this channel that no session has claimed yet
 
     async def _apply(self, effects: Sequence[object]) -> tuple[list[object], int]:
         out: list[object] = []
@@ -80,6 +87,24 @@ class ChannelShell:
             _, received = await self._apply(self.core.receive_state(st))
         return received
 
+    async def receive_payment(self, st: PayState) -> int:
+        """A state that pays for a session: a newer one adds its increase to the pool, an
+        earlier one that arrived late adds nothing (checked all the same). Returns the increase."""
+        async with self.lock:
+            core = self.core
+            if core.r.peer_sig and st.seqno < core.r.peer_seqno:
+                core.check_old_state(st)
+                return 0
+            _, received = await self._apply(core.receive_state(st))
+            self.pool += received
+        return received
+
+    def claim(self, amount: int) -> None:
+        """Credit ``amount`` of the pool to a session; MeteringError when the pool is short."""
+        if amount < 0 or amount > self.pool:
+            raise MeteringError(f"a session claims {amount} nanoTON, the channel holds {self.pool} unclaimed")
+        self.pool -= amount
+
     async def run(self, effects_fn: Callable[[], Sequence[object]]) -> list[object]:
         """Run a core call (e.g. ``lambda: core.propose(close=True)``) and apply its effects."""
         async with self.lock:
@@ -112,6 +137,7 @@ class PayerSession:
         )
         self.receipts: list[Receipt] = []
         self.aborted: str = ""
+        self._pay_lock = trio.Lock()  # meter decisions go out in the order they were taken
 
     async def start(self) -> SessionAccept:
         await self.stream.send(self.open_msg)
@@ -134,7 +160,8 @@ class PayerSession:
             await self._pay(e)
 
     async def received(self, token_ids: list[int]) -> None:
-        await self._handle(self.meter.on_tokens(token_ids, self.clock()))
+        async with self._pay_lock:
+            await self._handle(self.meter.on_tokens(token_ids, self.clock()))
 
     async def run_receipts(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Read receipts until the stream ends; tick the meter meanwhile."""
@@ -146,7 +173,8 @@ class PayerSession:
                 if msg is None:
                     break
                 r = expect(Receipt, msg)
-                await self._handle(self.meter.on_receipt(r))
+                async with self._pay_lock:
+                    await self._handle(self.meter.on_receipt(r))
                 self.receipts.append(r)
                 if r.final:
                     break
@@ -155,11 +183,13 @@ class PayerSession:
     async def _ticker(self) -> None:
         while True:
             await trio.sleep(TICK)
-            await self._handle(self.meter.tick(self.clock()))
+            async with self._pay_lock:
+                await self._handle(self.meter.tick(self.clock()))
 
     async def close(self) -> None:
         """Pay for every token received, then end the session."""
-        await self._handle(self.meter.close(self.clock()))
+        async with self._pay_lock:
+            await self._handle(self.meter.close(self.clock()))
         await self.stream.send(SessionClose(self.open_msg.session_id, "done"))
 
 
@@ -186,8 +216,9 @@ class WorkerSession:
         self._paid = trio.Event()
         self.closed = trio.Event()
 
-    async def accept(self) -> SessionOpen:
-        msg = expect(SessionOpen, await self.stream.receive())
+    async def accept(self, open_msg: SessionOpen | None = None) -> SessionOpen:
+        """Answer the payer's SessionOpen (read from the stream unless already read)."""
+        msg = open_msg if open_msg is not None else expect(SessionOpen, await self.stream.receive())
         prices = Prices(msg.price_prompt, msg.price_completion)
         self.meter = WorkerMeter(msg.session_id, prices, msg.prompt_tokens, self.key, self.cfg, self.clock())
         await self.stream.send(SessionAccept(msg.session_id, self.cfg.receipt_every, self.cfg.credit_window))
@@ -202,8 +233,10 @@ class WorkerSession:
             if msg is None or isinstance(msg, SessionClose):
                 break
             p = expect(SessionPayment, msg)
-            received = await self.channel.receive(p.state)
-            self.meter.on_payment(p, received, self.clock())
+            due = self.meter.check_payment(p)
+            await self.channel.receive_payment(p.state)
+            self.channel.claim(due)
+            self.meter.on_payment(p, due, self.clock())
             self._paid.set()
             self._paid = trio.Event()
         self.closed.set()
@@ -236,9 +269,13 @@ async def forward_session(
     client_channel: ChannelShell,
     worker_channel: ChannelShell,
     worker_prices: Prices,
+    *,
+    open_msg: SessionOpen | None = None,
 ) -> Forwarder:
-    """A proxy's half of a hub session: relays open/accept/receipts, forwards payments minus fee."""
-    open_msg = expect(SessionOpen, await client_stream.receive())
+    """A proxy's half of a hub session: relays open/accept/receipts, forwards payments minus fee.
+    ``open_msg``: the client's SessionOpen when the caller already read it."""
+    if open_msg is None:
+        open_msg = expect(SessionOpen, await client_stream.receive())
     client_prices = Prices(open_msg.price_prompt, open_msg.price_completion)
     fwd = Forwarder(client_prices, worker_prices, open_msg.prompt_tokens)
     to_worker = SessionOpen(
@@ -266,8 +303,10 @@ async def forward_session(
                 await worker_stream.send(SessionClose(open_msg.session_id, "client closed"))
                 break
             p = expect(SessionPayment, msg)
-            received = await client_channel.receive(p.state)
-            out = fwd.on_client_payment(p, received)
+            due = fwd.check_client_payment(p)
+            await client_channel.receive_payment(p.state)
+            client_channel.claim(due)
+            out = fwd.on_client_payment(p, due)
             if out.amount > 0:
                 st = await worker_channel.pay(out.amount)
                 await worker_stream.send(SessionPayment(open_msg.session_id, out.tokens, out.total, st))

@@ -9,6 +9,7 @@
 :class:`SQLiteKVStore` keeps one table in a SQLite database in WAL mode with
 ``synchronous=FULL``, so every committed write has been fsynced before ``write`` returns. It adds
 ``keys(namespace)`` and ``write_batch`` (several writes in one atomic commit) for the local chain.
+Shells write from worker threads (``trio.to_thread``); one lock serializes the connection.
 :class:`MemoryKVStore` is the in-memory twin for pure tests; it can simulate a crash by
 dropping the writes that a failing hook refuses.
 """
@@ -16,13 +17,14 @@ dropping the writes that a failing hook refuses.
 from __future__ import annotations
 
 import sqlite3
+import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Protocol
 
 from overlay.errors import ConfigError
 
-__all__ = ["KVStore", "MemoryKVStore", "SQLiteKVStore"]
+__all__ = ["KVStore", "ListableKVStore", "MemoryKVStore", "SQLiteKVStore"]
 
 
 class KVStore(Protocol):
@@ -31,6 +33,12 @@ class KVStore(Protocol):
     def write(self, namespace: str, key: str, value: bytes) -> None: ...
 
     def remove(self, namespace: str, key: str) -> None: ...
+
+
+class ListableKVStore(KVStore, Protocol):
+    """A KVStore that can list a namespace's keys (what a restart needs to find its records)."""
+
+    def keys(self, namespace: str) -> list[str]: ...
 
 
 class SQLiteKVStore:
@@ -49,22 +57,32 @@ class SQLiteKVStore:
         except sqlite3.DatabaseError as e:
             raise ConfigError(f"{path}: not a usable store ({e})") from e
         self.path = path
+        self._lock = threading.Lock()
 
     def read(self, namespace: str, key: str) -> bytes | None:
-        row = self._db.execute("SELECT v FROM kv WHERE ns = ? AND k = ?", (namespace, key)).fetchone()
+        with self._lock:
+            row = self._db.execute("SELECT v FROM kv WHERE ns = ? AND k = ?", (namespace, key)).fetchone()
         return None if row is None else bytes(row[0])
 
     def write(self, namespace: str, key: str, value: bytes) -> None:
-        self._db.execute("INSERT OR REPLACE INTO kv (ns, k, v) VALUES (?, ?, ?)", (namespace, key, value))
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO kv (ns, k, v) VALUES (?, ?, ?)", (namespace, key, value))
 
     def remove(self, namespace: str, key: str) -> None:
-        self._db.execute("DELETE FROM kv WHERE ns = ? AND k = ?", (namespace, key))
+        with self._lock:
+            self._db.execute("DELETE FROM kv WHERE ns = ? AND k = ?", (namespace, key))
 
     def keys(self, namespace: str) -> list[str]:
-        return [r[0] for r in self._db.execute("SELECT k FROM kv WHERE ns = ? ORDER BY k", (namespace,))]
+        with self._lock:
+            rows = self._db.execute("SELECT k FROM kv WHERE ns = ? ORDER BY k", (namespace,)).fetchall()
+        return [r[0] for r in rows]
 
     def write_batch(self, items: Iterable[tuple[str, str, bytes | None]]) -> None:
         """Write (value) or remove (None) several keys in one durable, atomic commit."""
+        with self._lock:
+            self._write_batch(items)
+
+    def _write_batch(self, items: Iterable[tuple[str, str, bytes | None]]) -> None:
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
@@ -79,7 +97,8 @@ class SQLiteKVStore:
         db.execute("COMMIT")
 
     def close(self) -> None:
-        self._db.close()
+        with self._lock:
+            self._db.close()
 
 
 class MemoryKVStore:
@@ -100,3 +119,6 @@ class MemoryKVStore:
 
     def remove(self, namespace: str, key: str) -> None:
         self.data.pop((namespace, key), None)
+
+    def keys(self, namespace: str) -> list[str]:
+        return sorted(k for ns, k in self.data if ns == namespace)

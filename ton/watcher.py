@@ -1,14 +1,17 @@
 """The watcher: sees an uncooperative close on chain, challenges a stale one, finishes it.
 
 :func:`decide` is the pure part: given the contract's data, our side of the channel and the
-chain time, it says what to do (nothing, challenge, finish). :class:`Watcher` is the trio shell:
-``check_once`` reads the chain, syncs the channel core and acts; ``run`` does it every
-``interval`` seconds (default: a quarter of the quarantine, as the contract's window demands).
+chain time, it says what to do (nothing, challenge, finish, or submit a cooperative close we
+co-signed but the proposer never sent: done on the second check that still sees it).
+:class:`Watcher` is the trio shell: ``check_once`` reads the chain, syncs the channel core
+and acts; ``run`` does it every ``interval`` seconds (default: a quarter of the quarantine, as
+the contract's window demands).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import attrs
 import trio
@@ -17,7 +20,8 @@ from overlay.errors import ChainError
 
 from . import contract as C
 from .chain import ChainClient, TxInfo
-from .channel import Channel
+from .channel import Channel, Phase
+from .messages import CommitProposal
 from .onchain import ChannelOps
 from .session import ChannelShell
 
@@ -28,12 +32,15 @@ log = logging.getLogger(__name__)
 
 @attrs.frozen
 class Action:
-    kind: str  # "challenge" | "finish"
+    kind: str  # "challenge" | "finish" | "submit_close"
     reason: str
 
 
 def decide(data: C.ChannelData, ch: Channel, now: int) -> Action | None:
     """What our side should do about the channel's on-chain state."""
+    cosigned = ch.r.cosigned
+    if data.status is C.Status.OPEN and ch.phase is Phase.CLOSING and cosigned is not None and cosigned.close:
+        return Action("submit_close", "the proposer did not submit the close we co-signed")
     q = data.quarantine
     if data.status is not C.Status.QUARANTINE or q is None:
         return None
@@ -53,23 +60,39 @@ def decide(data: C.ChannelData, ch: Channel, now: int) -> Action | None:
 class Watcher:
     """Watches one channel for our side."""
 
-    def __init__(self, chain: ChainClient, ops: ChannelOps, shell: ChannelShell) -> None:
+    def __init__(
+        self,
+        chain: ChainClient,
+        ops: ChannelOps,
+        shell: ChannelShell,
+        *,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
         self.chain = chain
         self.ops = ops
         self.shell = shell
+        self.clock = clock  # the time settlement policies run on (default: the chain's)
         self.actions: list[tuple[Action, TxInfo]] = []
+        self._cosigned_seen: CommitProposal | None = None
 
     async def check_once(self) -> Action | None:
         data = await self.chain.get_channel_state(self.ops.address)
         if data is None:
             return None
         now = await self.chain.now()
+        t = self.clock() if self.clock is not None else float(now)
         ch = self.shell.core
         seen = data
-        await self.shell.run(lambda: ch.sync_onchain(seen, float(now)))
+        await self.shell.run(lambda: ch.sync_onchain(seen, t))
         action = decide(data, self.shell.core, now)
         if action is None:
+            self._cosigned_seen = None
             return None
+        if action.kind == "submit_close":
+            cosigned = self.shell.core.r.cosigned
+            if self._cosigned_seen != cosigned:  # give the proposer until the next check
+                self._cosigned_seen = cosigned
+                return None
         log.warning(
             "channel %s: %s (%s)",
             ch.cid.hex(),
@@ -79,6 +102,10 @@ class Watcher:
         )
         if action.kind == "challenge":
             tx = await self.ops.challenge(self.shell.core.key, *self.shell.core.signed_state_cells())
+        elif action.kind == "submit_close":
+            submit = self.shell.core.cosigned_close()
+            assert submit is not None
+            tx = await self.ops.submit(submit.body)
         else:
             tx = await self.ops.finish()
         if tx.exit_code != 0:
@@ -87,7 +114,7 @@ class Watcher:
         after = await self.chain.get_channel_state(self.ops.address)
         if after is not None:
             core = self.shell.core
-            await self.shell.run(lambda: core.sync_onchain(after, float(now)))
+            await self.shell.run(lambda: core.sync_onchain(after, t))
         return action
 
     async def run(self, interval: float | None = None) -> None:
