@@ -1,14 +1,19 @@
 """The torch CPU engine: the trio shell around :mod:`inference.scheduler` and :mod:`inference.llama`.
 
-There is no background task and no thread of our own.  Whoever is waiting
-for tokens drives the model: a ``generate_stream`` consumer with nothing to
-read either runs the next forward pass (``plan`` -> ``trio.to_thread.run_sync``
-under a one-slot ``CapacityLimiter`` -> ``apply``) or, when another consumer
-is already running one, waits for it to finish.  Every forward pass serves the
-whole batch, so concurrent requests are decoded together.
+When there is work, a *driver* runs in a worker thread
+(``trio.to_thread.run_sync`` under a one-slot ``CapacityLimiter``, started
+from a trio system task so that no consumer has to wait for it): it loops
+``plan -> forward pass -> apply`` back to back, so the next step starts as
+soon as the previous one ends, whatever the event loop is busy with
+(sending chunks, libp2p).  It stops when nothing can run (all done, or all
+running requests paused because their readers are slow) and is started again
+by the next submit, take or cancel.  Every forward pass serves the whole
+batch, so concurrent requests are decoded together.
 
-Only the model thread touches the weights and the KV cache; only the trio
-thread touches the scheduler.  A consumer that leaves its iterator (break,
+The scheduler is shared by the trio thread (submit, take, cancel) and the
+driver (plan, apply) under one lock held for microseconds; only the driver
+touches the weights and the KV cache.  Chunks wake consumers through
+``TrioToken.run_sync_soon``.  A consumer that leaves its iterator (break,
 cancellation, closed stream) cancels its request and frees its cache slot at
 once.
 """
@@ -17,7 +22,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import random
+import threading
 import time
 from collections.abc import AsyncGenerator
 from pathlib import Path
@@ -37,6 +44,7 @@ from .scheduler import Plan, Scheduler
 __all__ = ["TorchEngine"]
 
 log = logging.getLogger(__name__)
+_thread_state = threading.local()
 
 
 class TorchEngine:
@@ -55,6 +63,7 @@ class TorchEngine:
         prefill_chunk: int = 256,
         max_buffered: int = 64,
         seed: int | None = None,
+        cpus: frozenset[int] | None = None,
     ) -> None:
         if weights not in ("int8", "fp32"):
             raise ValueError(f"weights must be 'int8' or 'fp32', not {weights!r}")
@@ -65,6 +74,7 @@ class TorchEngine:
         self.context = context
         self.max_tokens = max_tokens
         self.threads = threads
+        self.cpus = cpus  # pin the model thread to these CPUs (Linux), e.g. frozenset({3})
         self.prefill_chunk = prefill_chunk
         self.max_buffered = max_buffered
         self._rng = random.Random(seed)
@@ -73,9 +83,11 @@ class TorchEngine:
         self._model: LlamaModel | None = None
         self._sched: Scheduler | None = None
         self._info: ModelInfo | None = None
-        self._busy = False
+        self._lock = threading.Lock()  # guards the scheduler: trio thread and model thread
+        self._driving = False  # a model thread is running steps
         self._closed = False
         self._changed = trio.Event()
+        self._token: trio.lowlevel.TrioToken | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -83,6 +95,7 @@ class TorchEngine:
         if self._info is not None:
             return self._info
         t0 = time.perf_counter()
+        self._token = trio.lowlevel.current_trio_token()
         if self.threads:
             torch.set_num_threads(self.threads)
         loaded = await trio.to_thread.run_sync(
@@ -139,14 +152,15 @@ class TorchEngine:
         return self._loaded.tokenizer
 
     async def close(self) -> None:
-        self._closed = True
-        if self._sched is not None:
-            for rid in list(self._sched.seqs):
-                self._sched.cancel(rid)
+        with self._lock:
+            self._closed = True
+            if self._sched is not None:
+                for rid in list(self._sched.seqs):
+                    self._sched.cancel(rid)
         self._notify()
         with trio.move_on_after(30):
-            while self._busy:
-                await self._wait_change()
+            while self._driving:
+                await self._changed.wait()
         self._model = None
         self._loaded = None
 
@@ -161,45 +175,54 @@ class TorchEngine:
 
     async def generate_stream(self, request: GenerateRequest) -> AsyncGenerator[Chunk, None]:
         sched = self._scheduler()
-        sched.submit(request, time.monotonic())
+        with self._lock:
+            sched.submit(request, time.monotonic())
         rid = request.request_id
-        self._notify()
+        self._kick()
         finished = False
         try:
             while True:
-                chunk = sched.take(rid, time.monotonic())
+                changed = self._changed
+                with self._lock:
+                    chunk = sched.take(rid, time.monotonic())
                 if chunk is None:
-                    await self._advance()
+                    self._kick()
+                    await changed.wait()
                     continue
                 finished = isinstance(chunk, FinalChunk)
-                self._notify()  # taking may have unpaused the sequence
+                self._kick()  # taking may have unpaused the sequence
                 yield chunk
                 if finished:
                     return
         finally:
             if not finished:
-                sched.discard(rid)
-                self._notify()
+                with self._lock:
+                    sched.discard(rid)
+                self._kick()  # a freed slot may admit a waiting request
 
     async def cancel(self, request_id: str) -> bool:
         if self._sched is None:
             return False
-        ok = self._sched.cancel(request_id)
+        with self._lock:
+            ok = self._sched.cancel(request_id)
         self._notify()
+        self._kick()
         return ok
 
     def stats(self) -> EngineStats:
         if self._sched is None:
             return EngineStats(0, 0, 0, self.slots, 0, 0, 0, 0, 0, 0)
-        return self._sched.statistics()
+        with self._lock:
+            return self._sched.statistics()
 
     async def wait_idle(self) -> None:
-        """Return once no request holds a slot or waits for one."""
+        """Return once no request holds a slot or waits for one, and the model thread is idle."""
         while True:
+            changed = self._changed
             s = self.stats()
-            if s.running == 0 and s.waiting == 0 and not self._busy:
+            if s.running == 0 and s.waiting == 0 and not self._driving:
                 return
-            await self._wait_change()
+            await changed.wait()
 
     # ------------------------------------------------------------------ driving the model
 
@@ -207,31 +230,58 @@ class TorchEngine:
         self._changed.set()
         self._changed = trio.Event()
 
-    async def _wait_change(self) -> None:
-        await self._changed.wait()
-
-    async def _advance(self) -> None:
-        """Run one forward pass, or wait until the one in flight (or anything else) changes state."""
-        sched = self._scheduler()
-        if self._busy:
-            await self._wait_change()
-            return
-        plan = sched.plan(time.monotonic())
-        if plan is None:
-            await self._wait_change()
-            return
-        self._busy = True
-        try:
+    def _notify_from_thread(self) -> None:
+        if self._token is not None:
             try:
-                sampled = await trio.to_thread.run_sync(self._run, plan, limiter=self._limiter)
-            except Exception:
-                log.exception("forward pass failed; ending %d request(s)", len(plan.rids))
-                sched.fail(plan)
-            else:
-                sched.apply(plan, sampled, time.monotonic())
-        finally:
-            self._busy = False
+                self._token.run_sync_soon(self._notify)
+            except trio.RunFinishedError:
+                pass
+
+    def _kick(self) -> None:
+        """Start the driver if there is work and none is running (trio thread only)."""
+        with self._lock:
+            if self._driving or self._closed or self._sched is None or not self._sched.has_work():
+                return
+            self._driving = True
+        trio.lowlevel.spawn_system_task(self._driver_task, name="cocoon-cpu-engine-driver")
+
+    async def _driver_task(self) -> None:
+        try:
+            await trio.to_thread.run_sync(self._drive, abandon_on_cancel=True, limiter=self._limiter)
+        except trio.Cancelled:  # the trio run is ending; the thread stops at its next step
+            pass
+        except BaseException:  # never let a driver bug crash the whole run
+            log.exception("engine driver failed")
+            with self._lock:
+                self._driving = False
             self._notify()
+
+    def _drive(self) -> None:
+        """The model thread: plan, run, apply, back to back, until nothing can run."""
+        sched = self._sched
+        assert sched is not None
+        try:
+            while True:
+                with self._lock:
+                    if self._closed or self._model is None:
+                        return
+                    plan = sched.plan(time.monotonic())
+                if plan is None:
+                    return
+                try:
+                    sampled = self._run(plan)
+                except Exception:
+                    log.exception("forward pass failed; ending %d request(s)", len(plan.rids))
+                    with self._lock:
+                        sched.fail(plan)
+                else:
+                    with self._lock:
+                        sched.apply(plan, sampled, time.monotonic())
+                self._notify_from_thread()
+        finally:
+            with self._lock:
+                self._driving = False
+            self._notify_from_thread()
 
     def _run(self, plan: Plan) -> list[int]:
         """The model thread: cache moves, one forward pass, sampling."""
@@ -240,6 +290,9 @@ class TorchEngine:
             raise InferenceError("engine closed")
         if self.threads and torch.get_num_threads() != self.threads:
             torch.set_num_threads(self.threads)  # worker threads do not inherit it everywhere
+        if self.cpus and getattr(_thread_state, "cpus", None) != self.cpus:
+            os.sched_setaffinity(0, self.cpus)  # 0 = the calling thread only
+            _thread_state.cpus = self.cpus
         for src, dst, n in plan.moves:
             model.move_slot(src, dst, n)
         if plan.kind == "prefill":

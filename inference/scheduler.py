@@ -278,6 +278,17 @@ class Scheduler:
             seq.slot = slot
             seq.admitted = now
 
+    def has_work(self) -> bool:
+        """Whether :meth:`plan` would return a forward pass."""
+        if self.waiting and None in self.by_slot:
+            return True
+        for s in self.by_slot:
+            if s is None or s.finish_reason is not None:
+                continue
+            if not s.decoding or len(s.pending_ids) < self.max_buffered:
+                return True
+        return False
+
     def plan(self, now: float) -> Plan | None:
         """The next forward pass, or None when nothing can run."""
         self._admit(now)

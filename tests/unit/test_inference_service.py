@@ -78,8 +78,7 @@ async def test_chunks_are_coalesced(tiny_engine: TorchEngine) -> None:
     async with trio.open_nursery() as nursery:
         chunks = await collect(connect(service, nursery), req(max_tokens=40))
     assert sum(len(c.token_ids) for c in chunks) == 40
-    # the first chunk goes out alone, then up to 8 tokens per message
-    assert len(chunks[0].token_ids) == 1
+    # the first chunk goes out at once (whatever the engine had), then up to 8 tokens per message
     assert len(chunks) < 40 // 4
     assert all(len(c.token_ids) <= 8 + 1 for c in chunks)
 

@@ -1,0 +1,403 @@
+"""Inference benchmark: SmolLM2-135M-Instruct (Q4_1 GGUF) on the CPU, one compute thread pinned to one core.
+
+Run: ``python bench/inference.py`` (``--quick`` for fewer tokens and rounds).
+Prints one table.  Measured in the same run, rounds interleaved, medians:
+
+- decode tok/s of our torch engine (int8 weights) vs llama.cpp through
+  ``llama-cpp-python`` and vs transformers' ``generate`` (fp32, the same
+  dequantized weights; built without ``accelerate``).  Both baselines are
+  bench-only: a baseline that is not installed is skipped with a message.
+  Targets: ours / llama.cpp >= 0.5, ours / transformers >= 2;
+- aggregate decode tok/s at batch 1, 4 and 8 (concurrent requests on one
+  engine).  Target: batch 8 >= 4 x batch 1;
+- the worker's generation service over real libp2p on loopback vs the bare
+  engine: decode tok/s ratio (>= 0.97) and time-to-first-token overhead
+  (<= 15 ms);
+- resident memory with SmolLM2 loaded (a fresh subprocess): <= 1.2 GB.
+
+Every engine computes on one thread pinned to the same core (our model
+thread, llama.cpp's, transformers'); the trio event loop (libp2p, Noise,
+yamux, framing, for the worker and the client of the service test) runs
+unpinned.  Wall-clock numbers on a shared 2-core VM: other processes add
+noise, which is why every comparison is interleaved and reported as a median.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch: no OpenMP worker threads at all
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import argparse
+import importlib.util
+import json
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from contextlib import AsyncExitStack, aclosing
+from pathlib import Path
+from typing import Any, TypeVar
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo's packages, not this file
+
+import torch
+import trio
+
+from inference.cpu import TorchEngine
+from inference.gguf_file import read_gguf
+from inference.messages import ChatMessage, GenerateRequest
+from inference.models import default_model_path
+from inference.service import PROTOCOL_ID, GenerationService, generate
+
+QUESTION = "What is the capital of France?"
+_T = TypeVar("_T")
+Row = tuple[str, str, str, str]
+
+
+CPU = sorted(os.sched_getaffinity(0))[-1]  # the core every engine computes on
+
+
+def _pinned(fn: Callable[..., _T], *args: Any) -> _T:
+    """Run ``fn`` in the calling thread pinned to CPU (for the baselines, run in a worker thread)."""
+    os.sched_setaffinity(0, {CPU})
+    torch.set_num_threads(1)
+    return fn(*args)
+
+
+def _engine(path: Path) -> TorchEngine:
+    return TorchEngine(path, model_id="smollm2", threads=1, slots=8, context=1024, cpus=frozenset({CPU}))
+
+
+def _median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def _request(rid: str, n: int) -> GenerateRequest:
+    return GenerateRequest(
+        request_id=rid,
+        model="smollm2",
+        messages=(ChatMessage("user", QUESTION),),
+        max_tokens=n,
+        temperature=0.0,
+        ignore_eos=True,
+    )
+
+
+# --------------------------------------------------------------------------- our engine
+
+
+async def ours_decode(engine: TorchEngine, n: int, rid: str) -> tuple[float, float, list[int]]:
+    """(decode tok/s, ttft s, first ids) of one request on the bare engine, measured by the consumer."""
+    t0 = time.perf_counter()
+    stamps: list[tuple[float, int]] = []
+    ids: list[int] = []
+    async with aclosing(engine.generate_stream(_request(rid, n))) as chunks:
+        async for c in chunks:
+            stamps.append((time.perf_counter(), len(c.token_ids)))
+            ids.extend(c.token_ids)
+    return _rate(stamps), stamps[0][0] - t0, ids[:8]
+
+
+def _rate(stamps: list[tuple[float, int]]) -> float:
+    """Tokens after the first chunk per second between the first and the last chunk."""
+    if len(stamps) < 2:
+        return float("nan")
+    tokens = sum(k for _, k in stamps[1:])
+    return tokens / (stamps[-1][0] - stamps[0][0])
+
+
+async def batch_rate(engine: TorchEngine, batch: int, n: int) -> float:
+    """Aggregate decode tok/s of ``batch`` concurrent requests, counted once all of them are decoding."""
+    stamps: list[list[tuple[float, int]]] = [[] for _ in range(batch)]
+
+    async def one(i: int) -> None:
+        async with aclosing(engine.generate_stream(_request(f"b{batch}-{i}", n))) as chunks:
+            async for c in chunks:
+                stamps[i].append((time.perf_counter(), len(c.token_ids)))
+
+    async with trio.open_nursery() as nursery:
+        for i in range(batch):
+            nursery.start_soon(one, i)
+    # the window in which all requests were decoding: after the last first token, before the first end
+    start = max(s[0][0] for s in stamps)
+    end = min(s[-1][0] for s in stamps)
+    tokens = sum(k for s in stamps for t, k in s if start < t <= end)
+    return tokens / (end - start)
+
+
+async def service_vs_bare(engine: TorchEngine, n: int, rounds: int) -> tuple[float, float, float, float]:
+    """Median decode tok/s and TTFT through the service over libp2p on loopback, and bare."""
+    from overlay.host import open_overlay
+    from overlay.identity import Identity
+
+    service = GenerationService({"smollm2": engine})
+    via_rate: list[float] = []
+    via_ttft: list[float] = []
+    bare_rate: list[float] = []
+    bare_ttft: list[float] = []
+    async with AsyncExitStack() as stack:
+        worker = await stack.enter_async_context(open_overlay(Identity.generate()))
+        client = await stack.enter_async_context(open_overlay(Identity.generate()))
+        worker.set_stream_handler(PROTOCOL_ID, service.handle)
+        await client.connect(worker.listen_addrs()[0])
+        for r in range(rounds + 1):
+            rate, ttft, _ = await ours_decode(engine, n, f"bare{r}")
+            stream = await client.open_stream(worker.peer_id, PROTOCOL_ID)
+            t0 = time.perf_counter()
+            stamps: list[tuple[float, int]] = []
+            async with aclosing(generate(stream, _request(f"svc{r}", n))) as chunks:
+                async for c in chunks:
+                    stamps.append((time.perf_counter(), len(c.token_ids)))
+            if r == 0:
+                continue  # warm-up (first stream, first TorchScript runs)
+            bare_rate.append(rate)
+            bare_ttft.append(ttft)
+            via_rate.append(_rate(stamps))
+            via_ttft.append(stamps[0][0] - t0)
+    return _median(via_rate), _median(bare_rate), _median(via_ttft), _median(bare_ttft)
+
+
+# --------------------------------------------------------------------------- baselines
+
+
+def llama_cpp_decode(llm: Any, prompt: list[int], n: int) -> tuple[float, list[int]]:
+    stamps: list[float] = []
+    ids: list[int] = []
+    for tok in llm.generate(prompt, temp=0.0, top_k=1, reset=True):
+        stamps.append(time.perf_counter())
+        ids.append(int(tok))
+        if len(ids) >= n:
+            break
+    return (len(stamps) - 1) / (stamps[-1] - stamps[0]), ids[:8]
+
+
+def load_transformers(path: Path) -> Any:
+    """transformers' LlamaForCausalLM with the GGUF's weights dequantized to fp32 (no accelerate needed)."""
+    transformers: Any = importlib.import_module("transformers")  # bench-only; typed Any on purpose
+
+    with read_gguf(path) as g:
+        md = g.metadata
+        heads, kv = int(md["llama.attention.head_count"]), int(md["llama.attention.head_count_kv"])  # type: ignore[call-overload]
+        cfg = transformers.LlamaConfig(
+            vocab_size=len(md["tokenizer.ggml.tokens"]),  # type: ignore[arg-type]
+            hidden_size=md["llama.embedding_length"],
+            intermediate_size=md["llama.feed_forward_length"],
+            num_hidden_layers=md["llama.block_count"],
+            num_attention_heads=heads,
+            num_key_value_heads=kv,
+            rope_theta=float(md["llama.rope.freq_base"]),  # type: ignore[arg-type]
+            rms_norm_eps=float(md["llama.attention.layer_norm_rms_epsilon"]),  # type: ignore[arg-type]
+            max_position_embeddings=int(md["llama.context_length"]),  # type: ignore[call-overload]
+            tie_word_embeddings="output.weight" not in g.tensors,
+        )
+
+        def rotate_half_order(w: torch.Tensor, n: int) -> torch.Tensor:  # GGUF interleaved -> HF rows
+            o, i = w.shape
+            return w.reshape(n, o // n // 2, 2, i).transpose(1, 2).reshape(o, i)
+
+        sd = {
+            "model.embed_tokens.weight": g.dequantize("token_embd.weight"),
+            "model.norm.weight": g.dequantize("output_norm.weight"),
+        }
+        for layer in range(cfg.num_hidden_layers):
+            p, b = f"model.layers.{layer}.", f"blk.{layer}."
+            sd[p + "self_attn.q_proj.weight"] = rotate_half_order(g.dequantize(b + "attn_q.weight"), heads)
+            sd[p + "self_attn.k_proj.weight"] = rotate_half_order(g.dequantize(b + "attn_k.weight"), kv)
+            for ours, theirs in (
+                    ("attn_v", "self_attn.v_proj"), ("attn_output", "self_attn.o_proj"),
+                ("ffn_gate", "mlp.gate_proj"), ("ffn_up", "mlp.up_proj"), ("ffn_down", "mlp.down_proj"),
+                ("attn_norm", "input_layernorm"), ("ffn_norm", "post_attention_layernorm"),
+            ):  # fmt: skip
+                sd[p + theirs + ".weight"] = g.dequantize(b + ours + ".weight")
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    model.load_state_dict(sd, strict=False)
+    model.tie_weights()
+    return model
+
+
+def transformers_decode(model: Any, prompt: list[int], n: int) -> tuple[float, list[int]]:
+    transformers: Any = importlib.import_module("transformers")
+
+    class Stamps(transformers.generation.streamers.BaseStreamer):  # type: ignore[misc]
+        def __init__(self) -> None:
+            self.t: list[float] = []
+
+        def put(self, value: Any) -> None:
+            self.t.append(time.perf_counter())
+
+        def end(self) -> None:
+            pass
+
+    ids = torch.tensor([prompt])
+    s = Stamps()
+    out = model.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+        streamer=s, pad_token_id=2,
+    )  # fmt: skip
+    new = s.t[1:]  # the first put() is the prompt
+    return (len(new) - 1) / (new[-1] - new[0]), out[0, len(prompt) : len(prompt) + 8].tolist()
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def rss_probe() -> None:
+    """In a fresh process: load SmolLM2 on our engine, generate a little, print resident memory."""
+
+    async def main() -> None:
+        engine = _engine(default_model_path())
+        await engine.load()
+        await ours_decode(engine, 16, "rss")
+        status = await trio.Path("/proc/self/status").read_text()
+        kb = {
+            line.split(":")[0]: int(line.split()[1]) for line in status.splitlines() if line.startswith("Vm")
+        }
+        print(json.dumps({"rss_mb": kb["VmRSS"] / 1024, "peak_mb": kb["VmHWM"] / 1024}))
+
+    trio.run(main)
+
+
+# --------------------------------------------------------------------------- main
+
+
+async def run(args: argparse.Namespace) -> list[Row]:
+    rows: list[Row] = []
+    n, rounds = args.tokens, args.rounds
+    path = default_model_path()
+    engine = _engine(path)
+    info = await engine.load()
+    rows.append(("our engine: load SmolLM2 (GGUF -> int8)", f"{info.load_s:.2f} s", "", ""))
+    prompt = engine._loaded.tokenizer.encode_chat([("user", QUESTION)])  # type: ignore[union-attr]
+
+    llm = None
+    if importlib.util.find_spec("llama_cpp") is not None:
+        from llama_cpp import Llama
+
+        llm = await trio.to_thread.run_sync(
+            lambda: Llama(str(path), n_ctx=1024, n_threads=1, n_threads_batch=1, verbose=False)
+        )
+    else:
+        print("llama.cpp baseline skipped: llama-cpp-python is not installed")
+        print("  (bench extra: pip install llama-cpp-python==0.3.36, builds from source in ~10 min)")
+    hf = None
+    if importlib.util.find_spec("transformers") is not None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            hf = load_transformers(path)
+    else:
+        print(
+            "transformers baseline skipped: transformers is not installed (pip install transformers==5.24.0)"
+        )
+
+    await ours_decode(engine, 16, "warm")  # TorchScript's first runs
+    r_ours: list[float] = []
+    r_llama: list[float] = []
+    r_hf: list[float] = []
+    firsts: dict[str, list[int]] = {}
+    for r in range(rounds):
+        if llm is not None:
+            rate, firsts["llama.cpp"] = await trio.to_thread.run_sync(
+                _pinned, llama_cpp_decode, llm, prompt, n
+            )
+            r_llama.append(rate)
+        rate, _, firsts["ours"] = await ours_decode(engine, n, f"solo{r}")
+        r_ours.append(rate)
+        if hf is not None:
+            rate, firsts["transformers"] = await trio.to_thread.run_sync(
+                _pinned, transformers_decode, hf, prompt, n
+            )
+            r_hf.append(rate)
+    ours = _median(r_ours)
+    rows.append(("decode tok/s, ours (int8, batch 1)", f"{ours:.1f}", "", ""))
+    if llm is not None:
+        lc = _median(r_llama)
+        rows.append(("decode tok/s, llama.cpp (Q4_1, 1 thread)", f"{lc:.1f}", "", ""))
+        rows.append(("ours / llama.cpp", f"{ours / lc:.2f}", ">= 0.5", _ok(ours / lc >= 0.5)))
+    if hf is not None:
+        h = _median(r_hf)
+        rows.append(("decode tok/s, transformers generate (fp32)", f"{h:.1f}", "", ""))
+        rows.append(("ours / transformers", f"{ours / h:.2f}", ">= 2", _ok(ours / h >= 2)))
+    for name, ids in firsts.items():
+        print(f"first greedy ids, {name}: {ids}")
+
+    rates = {}
+    for b in (1, 4, 8):
+        rates[b] = _median([await batch_rate(engine, b, n) for _ in range(max(rounds - 1, 1))])
+        rows.append((f"aggregate decode tok/s, batch {b}", f"{rates[b]:.1f}", "", ""))
+    rows.append(("batch 8 / batch 1", f"{rates[8] / rates[1]:.2f}", ">= 4", _ok(rates[8] / rates[1] >= 4)))
+
+    via, bare, via_ttft, bare_ttft = await service_vs_bare(engine, n, rounds)
+    rows.append(("service over libp2p loopback: decode tok/s", f"{via:.1f} (bare {bare:.1f})", "", ""))
+    rows.append(("service / bare engine tok/s", f"{via / bare:.3f}", ">= 0.97", _ok(via / bare >= 0.97)))
+    over = (via_ttft - bare_ttft) * 1e3
+    rows.append(
+        (
+            "TTFT overhead of the service",
+            f"{over:.1f} ms (bare {bare_ttft * 1e3:.1f} ms)",
+            "<= 15 ms",
+            _ok(over <= 15),
+        )
+    )
+    await engine.close()
+    return rows
+
+
+def _versions() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = []
+    for name in ("llama-cpp-python", "transformers"):
+        try:
+            out.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            out.append(f"{name} absent")
+    return ", ".join(out)
+
+
+def _ok(flag: bool) -> str:
+    return "ok" if flag else "MISS"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="64 tokens, 2 rounds")
+    ap.add_argument("--tokens", type=int, default=128, help="decode tokens per measurement")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds per comparison")
+    ap.add_argument("--rss-probe", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.rss_probe:
+        rss_probe()
+        return
+    if args.quick:
+        args.tokens, args.rounds = 64, 2
+    pinned = f"cpu {CPU}"
+    t0 = time.perf_counter()
+    rows = trio.run(run, args)
+    probe = subprocess.run(
+        [sys.executable, __file__, "--rss-probe"], capture_output=True, text=True, check=True, env=os.environ
+    )
+    mem = json.loads(probe.stdout.strip().splitlines()[-1])
+    rows.append(
+        (
+            "RSS with SmolLM2 loaded (fresh process)",
+            f"{mem['rss_mb']:.0f} MB (peak {mem['peak_mb']:.0f} MB)",
+            "<= 1200 MB",
+            _ok(mem["rss_mb"] <= 1200),
+        )
+    )
+    width = max(len(r[0]) for r in rows)
+    took = time.perf_counter() - t0
+    shape = f"{args.tokens} tokens x {args.rounds} rounds"
+    print(f"\nSmolLM2-135M-Instruct Q4_1, compute pinned to {pinned}, {shape}")
+    print(f"torch {torch.__version__}, {_versions()}; {took:.0f} s")
+    print(f"{'metric':<{width}}  {'value':<34} {'target':<9} ")
+    for name, value, target, ok in rows:
+        print(f"{name:<{width}}  {value:<34} {target:<9} {ok}")
+
+
+if __name__ == "__main__":
+    main()
