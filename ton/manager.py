@@ -123,6 +123,7 @@ class PaymentConfig:
     claim_timeout: float = 30.0  # seconds a SessionOpen waits for the node to claim it
     proposal_ttl: float = 3600.0  # seconds an unfunded open proposal is kept (payee)
     retry_max: float = 600.0  # seconds, longest back-off between failed settlements
+    force_close_after: float = 24 * 3600.0  # seconds of failed settlements before closing unilaterally
 
 
 @attrs.define(eq=False)
@@ -134,8 +135,9 @@ class ManagedChannel:
     ops: ChannelOps
     watcher: Watcher
     op_lock: trio.Lock = attrs.field(factory=trio.Lock)
-    retry_at: float = 0.0
+    retry_at: float = 0.0  # no settlement attempt before this time (back-off)
     backoff: float = 0.0
+    failing_since: float = 0.0  # first of the settlement failures in a row
 
     @property
     def core(self) -> Channel:
@@ -192,6 +194,7 @@ class PaymentManager:
         )  # fmt: skip
         self._peer_locks: dict[str, trio.Lock] = {}
         self._changed = trio.Event()
+        self._nursery: trio.Nursery | None = None  # background jobs while run() runs
         self.board = SessionBoard(self)
         self._restore()
 
@@ -406,8 +409,9 @@ class PaymentManager:
         ):
             pass  # closing or closed: adopt it below whatever the balance
         else:
-            min_dep = entry.meta.deposit if status in ("proposed", "deploying") else 0
-            data = check_chain_state(entry.params, account, data, min_deposit_a=min_dep)
+            opening = status in ("proposed", "deploying")
+            min_dep = entry.meta.deposit if opening else 0
+            data = check_chain_state(entry.params, account, data, min_deposit_a=min_dep, fresh=opening)
         assert data is not None
         seen = data
         await entry.shell.run(lambda: entry.core.sync_onchain(seen, self.clock()))
@@ -524,12 +528,34 @@ class PaymentManager:
     async def _uncooperative_close(self, entry: ManagedChannel) -> None:
         await settlement.uncooperative_close(self, entry)
 
+    def retire(self, entry: ManagedChannel, why: str) -> None:
+        """Stop using a channel the peer no longer serves (it forgot it, or says it is closed):
+        no new sessions on it; it is closed in the background (unilaterally if need be)."""
+        if entry.meta.status != "open":
+            return
+        log.warning("retiring channel %s: %s", entry.cid.hex(), why, extra=entry.log_extra)
+        entry.meta = attrs.evolve(entry.meta, status="closing")
+        if self._nursery is not None:
+            self._nursery.start_soon(self._retire, entry)
+
+    async def _retire(self, entry: ManagedChannel) -> None:
+        try:
+            await self._save_meta(entry)
+            await settlement.close_entry(self, entry, force=True)
+        except NodeError as e:
+            log.error("could not close channel %s: %s", entry.cid.hex(), e, extra=entry.log_extra)
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve /cocoon/pay/1 and drive settlements and watching until cancelled."""
         self.host.set_stream_handler(PROTOCOL, self._handle)
         log.info("payments ready: wallet %s, %d channels", self.address, len(self.entries))
-        task_status.started()
-        await settlement.drive(self)
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            try:
+                await settlement.drive(self)
+            finally:
+                self._nursery = None
 
     # ------------------------------------------------------------------ sessions, statistics
 

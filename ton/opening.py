@@ -155,9 +155,19 @@ def check_accept(sent: OpenChannel, acc: OpenAccept) -> C.ChannelParams:
 
 
 def check_chain_state(
-    params: C.ChannelParams, account: AccountInfo, data: C.ChannelData | None, *, min_deposit_a: int = 0
+    params: C.ChannelParams,
+    account: AccountInfo,
+    data: C.ChannelData | None,
+    *,
+    min_deposit_a: int = 0,
+    fresh: bool = False,
 ) -> C.ChannelData:
-    """The channel on chain is ours, as agreed, open, funded and solvent; returns its data."""
+    """The channel on chain is ours, as agreed, open, funded and solvent; returns its data.
+
+    Solvent: a ``fresh`` channel (just deployed) holds everything it owes both parties. Later the
+    gas of cooperative settlements (external messages) is paid from the contract's balance, which
+    the close takes out of what A receives (B is paid its exact balance first, A the remainder):
+    so the contract must always hold at least B's balance."""
     if account.status != "active" or data is None:
         raise ChannelMismatch(f"no deployed contract at {params.address()} (status {account.status})")
     if account.code_hash != C.channel_code().hash:
@@ -170,7 +180,7 @@ def check_chain_state(
         raise ChannelClosed(f"the channel is {data.status.name.lower()} on chain")
     if data.deposit_a < min_deposit_a:
         raise ChannelMismatch(f"deposit on chain is {data.deposit_a}, {min_deposit_a} was announced")
-    owed = data.balance_a() + data.balance_b()
+    owed = data.balance_a() + data.balance_b() if fresh else data.balance_b()
     if account.balance < owed:
         raise ChannelMismatch(f"the contract holds {account.balance}, less than the {owed} it owes")
     return data

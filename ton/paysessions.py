@@ -40,6 +40,7 @@ from .metering import MeteringError, Prices
 from .opening import (
     PROTOCOL,
     ChannelClosed,
+    ChannelMismatch,
     DuplicateSession,
     UnknownChannel,
     error_code,
@@ -209,7 +210,10 @@ async def pay_session(
             try:
                 await ps.start()
             except RemoteError as e:
-                raise error_from_remote(e) from e
+                err = error_from_remote(e)
+                if isinstance(err, UnknownChannel | ChannelClosed | ChannelMismatch):
+                    pm.retire(entry, str(err))  # the next session opens a fresh channel
+                raise err from e
         if scope.cancelled_caught:
             raise TimeoutError_(f"{peer_id} did not accept the payment session")
         done = trio.Event()

@@ -31,7 +31,16 @@ from .opening import PROTOCOL, ChannelClosed
 if TYPE_CHECKING:
     from .manager import ManagedChannel, PaymentManager
 
-__all__ = ["close", "drive", "settle", "tick_once", "uncooperative_close", "watch_once", "watch_period"]
+__all__ = [
+    "close",
+    "close_entry",
+    "drive",
+    "settle",
+    "tick_once",
+    "uncooperative_close",
+    "watch_once",
+    "watch_period",
+]
 
 log = logging.getLogger(__name__)
 TON = 10**9
@@ -100,21 +109,24 @@ async def close(pm: PaymentManager, peer_id: str, *, force: bool = False) -> int
     uncooperative close (finished by the watcher after the quarantine). Returns how many."""
     n = 0
     for entry in pm.channels_with(peer_id):
-        if entry.meta.status not in ("open", "closing"):
-            continue
-        try:
-            if entry.core.phase is Phase.OPEN:
-                await settle(pm, entry, "close")
-            else:
-                raise ChannelClosed("a close proposal is already pending")
-        except NodeError as e:
-            if not force:
-                raise
-            log.warning("cooperative close of %s failed (%s): closing unilaterally", entry.cid.hex(), e,
-                        extra=entry.log_extra)  # fmt: skip
-            await uncooperative_close(pm, entry)
-        n += 1
+        if entry.meta.status in ("open", "closing"):
+            await close_entry(pm, entry, force=force)
+            n += 1
     return n
+
+
+async def close_entry(pm: PaymentManager, entry: ManagedChannel, *, force: bool = False) -> None:
+    try:
+        if entry.core.phase is Phase.OPEN:
+            await settle(pm, entry, "close")
+        else:
+            raise ChannelClosed("a close proposal is already pending")
+    except NodeError as e:
+        if not force:
+            raise
+        log.warning("cooperative close of %s failed (%s): closing unilaterally", entry.cid.hex(), e,
+                    extra=entry.log_extra)  # fmt: skip
+        await uncooperative_close(pm, entry)
 
 
 async def uncooperative_close(pm: PaymentManager, entry: ManagedChannel) -> None:
@@ -163,12 +175,24 @@ async def _settle_logged(pm: PaymentManager, entry: ManagedChannel, s: Settle) -
     try:
         await settle(pm, entry, s.kind, s.reason)
         entry.backoff = 0.0
+        entry.failing_since = 0.0
+        return
     except NodeError as e:
         pm.counters["settle_failures"] += 1
+        now = pm.clock()
+        entry.failing_since = entry.failing_since or now
         entry.backoff = min(pm.cfg.retry_max, max(pm.cfg.tick_interval, entry.backoff * 2))
-        entry.retry_at = pm.clock() + entry.backoff
+        entry.retry_at = now + entry.backoff
         log.warning("%s of channel %s failed: %s (retry in %.0f s)", s.kind, entry.cid.hex(), e,
                     entry.backoff, extra=entry.log_extra)  # fmt: skip
+    # An idle close that the peer will not co-sign, or value we cannot get committed for too long:
+    # settle without the peer (the watcher finishes it after the quarantine).
+    stuck = entry.core.phase is Phase.CLOSING or now - entry.failing_since >= pm.cfg.force_close_after
+    if stuck and entry.meta.status in ("open", "closing"):
+        try:
+            await uncooperative_close(pm, entry)
+        except NodeError as e:
+            log.error("cannot close channel %s: %s", entry.cid.hex(), e, extra=entry.log_extra)
 
 
 async def watch_once(pm: PaymentManager) -> None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -30,7 +32,7 @@ from ton.localservice import LocalChainService
 from ton.manager import PaymentConfig, PaymentManager
 from ton.metering import MeterConfig, Prices
 from ton.onchain import OP_GAS
-from ton.opening import ChannelTerms
+from ton.opening import ChannelTerms, UnknownChannel
 from ton.paysessions import Route
 from ton.rpc import LocalChainClient, serve_localchain
 from ton.session import PayerSession
@@ -89,16 +91,27 @@ class Net:
             await self.svc.fund(wallet.address(), amount, wallet.state_init())
 
     async def start(
-        self, name: str, *, cfg: PaymentConfig = CFG, chain: ChainClient | None = None, **kw: Any
+        self,
+        name: str,
+        *,
+        cfg: PaymentConfig = CFG,
+        chain: ChainClient | None = None,
+        wipe: bool = False,
+        **kw: Any,
     ) -> Node:
-        """Start (or restart: same identity, wallet and store) the node ``name``."""
+        """Start (or restart: same identity, wallet and store) the node ``name``; ``wipe``: with
+        its payment store lost."""
         identity = self.identities.setdefault(name, Identity.generate())
         wallet = wallet_of(name)
         await self.fund(wallet)
         node = Node(name)
+        path = self.tmp / f"{name}.sqlite"
+        if wipe:
+            for p in self.tmp.glob(f"{name}.sqlite*"):
+                p.unlink()
 
         async def run(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-            store = SQLiteKVStore(self.tmp / f"{name}.sqlite")
+            store = SQLiteKVStore(path)
             try:
                 with node.scope:
                     async with open_overlay(identity, SETTINGS) as ov:
@@ -164,18 +177,28 @@ async def metered(
         out.append(ps)
 
     with trio.fail_after(30):
-        async with trio.open_nursery() as n:
-            n.start_soon(worker)
-            n.start_soon(client)
+        try:
+            async with trio.open_nursery() as n:
+                n.start_soon(worker)
+                n.start_soon(client)
+        except ExceptionGroup as group:  # the first typed error, as the node would see it
+            raise group.exceptions[0] from None
     return out[0]
 
 
-@pytest.fixture
-async def net(tmp_path: Path) -> Any:
+@asynccontextmanager
+async def open_net(tmp: Path) -> AsyncIterator[Net]:
+    """A local chain in this process and a nursery for nodes (cancelled at the end)."""
     svc = LocalChainService(LocalChain())
     async with trio.open_nursery() as nursery:
-        yield Net(svc, nursery, tmp_path)
+        yield Net(svc, nursery, tmp)
         nursery.cancel_scope.cancel()
+
+
+@pytest.fixture
+async def net(tmp_path: Path) -> AsyncIterator[Net]:
+    async with open_net(tmp_path) as n:
+        yield n
 
 
 async def test_open_meter_commit_restart_close_pays_exactly(tmp_path: Path) -> None:
@@ -190,17 +213,20 @@ async def test_open_meter_commit_restart_close_pays_exactly(tmp_path: Path) -> N
 
         chain = client()
         net = Net(chain, nursery, tmp_path)
+        due1 = PRICES.cost(PROMPT, 300)
         c = await net.start("client", chain=client())
-        w = await net.start("worker", chain=client())
+        # the payee commits once everything is paid: its threshold is the session's price
+        policy = SettlementPolicy(threshold=due1)
+        w = await net.start("worker", chain=client(), cfg=attrs.evolve(CFG, policy=policy))
         await connect(c, w)
         with trio.fail_after(60):
             ps = await metered(c, w, 300)
-            due1 = PRICES.cost(PROMPT, 300)
             assert [r.tokens for r in ps.receipts] == [128, 256, 300]
             (entry,) = c.pm.entries.values()
             cid, address = entry.cid, entry.ops.address
-            # the payee's policy (threshold 0.0001 TON) commits by itself; it lands on chain
-            await w.pm.wait_for(lambda: w.pm.counters["commits"] >= 1)
+            # the payee's policy commits by itself; the commit lands on chain
+            payee = w.pm.entries[cid]
+            await w.pm.wait_for(lambda: w.pm.counters["commits"] >= 1 and payee.core.unsettled() == 0)
             data = await chain.get_channel_state(address)
             assert data is not None
             assert (data.sent_a, data.withdrawn_b, data.deposit_a) == (due1, due1, 2 * TON)
@@ -236,6 +262,24 @@ async def test_open_meter_commit_restart_close_pays_exactly(tmp_path: Path) -> N
         for cl in clients:
             await cl.aclose()
         nursery.cancel_scope.cancel()
+
+
+async def test_commits_during_a_busy_session_do_not_disturb_it(net: Net) -> None:
+    """The payee commits whenever 0.05 TON are owed, while the payer keeps paying (states may be
+    in flight while a commit is proposed): the session is paid exactly, every commit lands."""
+    policy = SettlementPolicy(threshold=50_000)
+    c, w = await net.start("client"), await net.start("worker", cfg=attrs.evolve(CFG, policy=policy))
+    await connect(c, w)
+    await metered(c, w, 400)
+    due = PRICES.cost(PROMPT, 400)
+    (payee,) = w.pm.entries.values()
+    with trio.fail_after(20):
+        await w.pm.wait_for(lambda: payee.core.unsettled() < 50_000)  # no commit is left to do
+    data = await net.svc.get_channel_state(payee.ops.address)
+    assert data is not None
+    assert w.pm.counters["commits"] >= 1
+    assert data.sent_a + payee.core.unsettled() == due == payee.core.r.peer_sent
+    assert w.pm.counters["settle_failures"] == 0
 
 
 async def test_hub_session_through_a_proxy_keeps_its_fee(net: Net) -> None:
@@ -300,3 +344,49 @@ async def test_top_up_when_low_then_forced_close_when_the_payee_vanished(net: Ne
     (back,) = to_c
     assert TON - due < back <= TON - due + 2 * C.TOP_UP_GAS_RESERVE + OP_GAS
     assert c.pm.counters["uncooperative"] == 1
+
+
+async def test_recovery_interrupted_deploy_forgetful_payee_and_idle_close(net: Net) -> None:
+    assert isinstance(net.svc, LocalChainService)
+    svc = net.svc
+    clock = [1_900_000_000.0]
+    idle = attrs.evolve(CFG, policy=SettlementPolicy(close_idle=3600.0))
+    c, w = await net.start("client", cfg=idle, clock=lambda: clock[0]), await net.start("worker")
+    await connect(c, w)
+    with trio.fail_after(30):
+        first = await c.pm.channel_to(w.peer_id)
+        # the payer crashed between deploying and hearing the payee's confirmation
+        await c.pm._save_meta(first, status="deploying")
+        await c.stop()
+        c = await net.start("client", cfg=idle, clock=lambda: clock[0])
+        assert c.pm.entries[first.cid].meta.status == "deploying"
+        await c.pm.watch_once()  # the chain shows it deployed: adopted
+        assert c.pm.entries[first.cid].meta.status == "open"
+        await connect(c, w)
+        await metered(c, w, 40)
+        due = PRICES.cost(PROMPT, 40)
+
+        # the payee lost its payment store: the payer's next session is refused, the channel is
+        # retired (closed unilaterally in the background) and a fresh one serves the session
+        await w.stop()
+        w = await net.start("worker", wipe=True)
+        await connect(c, w)
+        with pytest.raises(UnknownChannel):
+            await metered(c, w, 8)
+        old = c.pm.entries[first.cid]
+        await c.pm.wait_for(lambda: old.meta.status == "disputed")
+        await metered(c, w, 40)
+        fresh = c.pm.payer_channel(w.peer_id)
+        assert fresh is not None
+        assert fresh.cid != first.cid
+        # the quarantine passes: the old channel pays out what the lost payee had earned
+        lt = (await svc.get_account(wallet_of("worker").address())).last_lt
+        await svc.advance_time(3601)
+        await c.pm.watch_once()
+        assert old.meta.status == "closed"
+        assert await payouts(svc, wallet_of("worker").address(), lt, C.Op.CLOSED_PAYOUT) == [due]
+
+        # an hour without sessions: the payer's policy closes the fresh channel cooperatively
+        clock[0] += 3601
+        await c.pm.wait_for(lambda: fresh.meta.status == "closed")
+    assert c.pm.statistics().live_channels == 0

@@ -288,3 +288,22 @@ async def test_bad_states_are_refused_by_core_and_contract(world: World) -> None
     assert data is not None
     assert data.status is C.Status.OPEN
     assert data.deposit_a == 5 * TON
+
+
+async def test_cooperative_close_of_an_unused_channel_returns_the_deposit(world: World) -> None:
+    """Nothing was ever paid: the proposer signs a zero-amount state at seqno 1 so the contract
+    (which wants a newer seqno) accepts the close; the payee gets nothing, the payer all."""
+    w = world
+    (prop,) = settle_effects(w.a, w.a.propose(close=True))
+    (sig,) = settle_effects(w.b, w.b.receive_proposal(prop.msg))  # type: ignore[attr-defined]
+    (submit,) = w.a.receive_signature(sig.msg)  # type: ignore[attr-defined]
+    before = (await w.svc.get_account(w.wa.address())).last_lt
+    tx = await w.ops_a.submit(submit.body)
+    assert (tx.exit_code, tx.success) == (0, True)
+    back = [
+        t.in_value for t in await w.svc.transactions(w.wa.address(), before) if t.in_op == C.Op.CLOSED_PAYOUT
+    ]
+    assert len(back) == 1
+    assert 5 * TON - 10_000_000 < back[0] <= 5 * TON + C.TOP_UP_GAS_RESERVE
+    await w.sync()
+    assert w.a.phase == w.b.phase == "closed"

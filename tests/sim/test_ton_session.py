@@ -3,19 +3,21 @@ window, and a crash in the middle of a payment update followed by a settlement o
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
+import attrs
 import pytest
 import trio
 
 from overlay.streams import FramedStream, memory_stream_pair
 from ton import contract as C
-from ton.channel import Channel, Persist, Send, Submit
+from ton.channel import BadSignature, Channel, Persist, Send, Submit
 from ton.keys import KeyPair
 from ton.localchain import LocalChain
 from ton.localservice import LocalChainService
 from ton.messages import PayState, SessionOpen
-from ton.metering import MeterConfig, Prices
+from ton.metering import MeterConfig, MeteringError, Prices
 from ton.onchain import ChannelOps
 from ton.session import ChannelShell, PayerSession, SessionAborted, WorkerSession, forward_session
 from ton.store import MemoryKVStore, SQLiteKVStore
@@ -214,3 +216,66 @@ async def test_crash_mid_payment_update_then_settle_on_chain(tmp_path: Path) -> 
     assert (tx.exit_code, tx.success) == (0, True)
     paid = [t.in_value for t in await svc.transactions(ww.address(), before) if t.in_op == C.Op.CLOSED_PAYOUT]
     assert paid == [50_000_000]
+
+
+async def test_payments_of_concurrent_sessions_may_arrive_out_of_order() -> None:
+    """Two sessions share a channel: state n+1 (session 2) may reach the payee before state n
+    (session 1). Each session is credited exactly; nothing is credited twice or from nowhere."""
+    client_ch, worker_ch = funded(6, KC, KW)
+    s1 = await client_ch.pay(1000)
+    s2 = await client_ch.pay(2000)
+    assert await worker_ch.receive_payment(s2) == 3000  # both increases are in the pool now
+    worker_ch.claim(2000)
+    assert await worker_ch.receive_payment(s1) == 0  # late and earlier: checked, adds nothing
+    worker_ch.claim(1000)
+    with pytest.raises(MeteringError):
+        worker_ch.claim(1)
+    with pytest.raises(BadSignature):
+        await worker_ch.receive_payment(attrs.evolve(s1, sent=999))
+    assert worker_ch.core.r.peer_sent == 3000
+
+
+class Shuffled:
+    """A MessageStream that delays each sent message by a seeded random few milliseconds."""
+
+    def __init__(self, inner: FramedStream, rng: random.Random) -> None:
+        self.inner, self.rng, self.peer_id = inner, rng, inner.peer_id
+
+    async def send(self, msg: object) -> None:
+        await trio.sleep(self.rng.random() * 0.01)
+        await self.inner.send(msg)
+
+    async def receive(self) -> object | None:
+        return await self.inner.receive()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+    async def reset(self) -> None:
+        await self.inner.reset()
+
+
+async def test_concurrent_sessions_on_one_channel_are_each_paid_exactly() -> None:
+    prices = Prices(3, 1000)
+    client_ch, worker_ch = funded(7, KC, KW)
+    rng = random.Random(7)
+    results = []
+    async with trio.open_nursery() as n:
+        for k in range(4):
+            cs, wsx = framed_pair()
+            sid = bytes([k]) * 16
+            om = SessionOpen(
+                sid, b"offer", (7).to_bytes(16, "big"), prices.prompt, prices.completion, 20, 512
+            )
+            ps = PayerSession(Shuffled(cs, rng), client_ch, om, KW.public)
+            ws = WorkerSession(wsx, worker_ch, KW)
+            send, recv = trio.open_memory_channel[list[int]](0)
+            results.append((ps, ws))
+            n.start_soon(run_worker, ws, send, 100 + 37 * k)
+            n.start_soon(run_client, ps, recv)
+    total = sum(prices.cost(20, 100 + 37 * k) for k in range(4))
+    assert client_ch.core.r.own_sent == worker_ch.core.r.peer_sent == total
+    assert worker_ch.pool == 0
+    for k, (_, ws) in enumerate(results):
+        assert ws.meter is not None
+        assert ws.meter.paid_amount == prices.cost(20, 100 + 37 * k)

@@ -68,3 +68,34 @@ def test_decide_ignores_own_close_and_fresh_states() -> None:
     for e in b.sync_onchain(data2, 0.0):
         assert isinstance(e, Persist)
     assert b.phase == "dispute"
+
+
+async def test_watcher_submits_a_cosigned_close_the_proposer_never_sent() -> None:
+    clock = [1_800_000_000.0]
+    svc = LocalChainService(LocalChain(), lambda: clock[0])
+    wa, wb = Wallet(KA), Wallet(KB)
+    for w in (wa, wb):
+        await svc.fund(w.address(), 20 * TON, w.state_init())
+    params = C.ChannelParams(6, KA.public, KB.public, wa.address(), wb.address(), quarantine=3600, fine=TON)
+    ops_a, ops_b = ChannelOps(svc, wa, params), ChannelOps(svc, wb, params)
+    assert (await ops_a.top_up(C.PARTY_A, 2 * TON)).exit_code == 0
+    a = ChannelShell(Channel(params, C.PARTY_A, KA), MemoryKVStore())
+    b = ChannelShell(Channel(params, C.PARTY_B, KB), MemoryKVStore())
+    watcher = Watcher(svc, ops_b, b)
+    await watcher.check_once()
+    data = await svc.get_channel_state(params.address())
+    assert data is not None
+    await a.run(lambda: a.core.sync_onchain(data, clock[0]))
+    await b.receive(await a.pay(TON // 4))
+    (prop,) = await a.run(lambda: a.core.propose(close=True))
+    await b.run(lambda: b.core.receive_proposal(prop.msg))  # type: ignore[attr-defined]
+    # A vanishes without submitting. B's first check gives it time; the second submits.
+    assert b.core.phase == "closing"
+    assert await watcher.check_once() is None
+    before = (await svc.get_account(wb.address())).last_lt
+    action = await watcher.check_once()
+    assert action is not None
+    assert action.kind == "submit_close"
+    paid = [t.in_value for t in await svc.transactions(wb.address(), before) if t.in_op == C.Op.CLOSED_PAYOUT]
+    assert paid == [TON // 4]
+    assert b.core.phase == "closed"

@@ -5,15 +5,25 @@ from __future__ import annotations
 
 import attrs
 import pytest
-from hypothesis import settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from overlay.errors import ChannelError, InsufficientFunds, LocalProtocolError, StaleState
 from ton import contract as C
-from ton.channel import Channel, Persist, Received, Send, Settle, SettlementPolicy
+from ton.channel import (
+    BadSignature,
+    Channel,
+    Persist,
+    Received,
+    Send,
+    Settle,
+    SettlementPolicy,
+    Submit,
+    WrongChannel,
+)
 from ton.keys import KeyPair
-from ton.messages import PayState
+from ton.messages import CommitProposal, PayState
 from ton.store import MemoryKVStore
 
 KA, KB = KeyPair.from_seed(b"a" * 32), KeyPair.from_seed(b"b" * 32)
@@ -213,3 +223,117 @@ def test_settlement_policy_threshold_timer_and_share() -> None:
     (send,) = a.run(a.core.pay(DEP_A // 2))
     b.run(b.core.receive_state(send.msg))  # type: ignore[attr-defined]
     assert b.core.tick(1.0) == [Settle("commit", "deposit share")]
+
+
+def _signed_proposal(signer: KeyPair, **kw: int | bool) -> CommitProposal:
+    p = CommitProposal(PARAMS.channel_id.to_bytes(16, "big"), 0, 0, 0, 0, 0, 0, False, b"")
+    p = attrs.evolve(p, **kw)
+    h = (
+        C.close_payload_hash(PARAMS.channel_id, p.seqno_a, p.seqno_b, p.sent_a, p.sent_b)
+        if p.close
+        else C.commit_payload_hash(
+            PARAMS.channel_id, p.seqno_a, p.seqno_b, p.sent_a, p.sent_b, p.withdraw_a, p.withdraw_b
+        )
+    )
+    return attrs.evolve(p, signature=signer.sign(h))
+
+
+@given(
+    payments=st.lists(st.integers(1, 50_000), min_size=1, max_size=8),
+    delivered=st.integers(0, 8),
+    proposal=st.tuples(
+        st.integers(0, 10), st.integers(0, 3), st.integers(0, 400_000), st.integers(0, 1000),
+        st.integers(0, 400_000), st.integers(0, 400_000), st.booleans(),
+    ),
+    cosigner=st.sampled_from([C.PARTY_A, C.PARTY_B]),
+)  # fmt: skip
+@settings(max_examples=300, deadline=None)
+def test_a_cosigned_proposal_never_takes_value_from_the_cosigner(
+    payments: list[int], delivered: int, proposal: tuple[int, int, int, int, int, int, bool], cosigner: int
+) -> None:
+    """A pays B; B has seen only some states (others in flight). Whatever the proposer signs, if
+    the co-signer signs it too, the co-signer ends with at least the value its own view gives it,
+    and the contract could settle it (no balance below zero)."""
+    a, b = Side(C.PARTY_A, KA), Side(C.PARTY_B, KB)
+    states = []
+    for amount in payments:
+        (send,) = a.run(a.core.pay(amount))
+        states.append(send.msg)  # type: ignore[attr-defined]
+    for st_ in states[: min(delivered, len(states))]:
+        b.run(b.core.receive_state(st_))
+    me, proposer_key = (a, KB) if cosigner == C.PARTY_A else (b, KA)
+    sa, sb, xa, xb, wa, wb, close = proposal
+    p = _signed_proposal(
+        proposer_key, seqno_a=sa, seqno_b=sb, sent_a=xa, sent_b=xb, withdraw_a=wa, withdraw_b=wb, close=close
+    )
+
+    def value(sent_a: int, sent_b: int) -> int:  # what the co-signer owns, withdrawn or not
+        return DEP_A - sent_a + sent_b if cosigner == C.PARTY_A else DEP_B - sent_b + sent_a
+
+    r = me.core.r
+    latest_a, latest_b = (r.own_sent, r.peer_sent) if cosigner == C.PARTY_A else (r.peer_sent, r.own_sent)
+    try:
+        out = me.run(me.core.receive_proposal(p))
+    except ChannelError:
+        return
+    assert len(out) == 1
+    assert value(xa, xb) >= value(latest_a, latest_b)
+    wd_a, wd_b = (0, 0) if close else (wa, wb)
+    assert DEP_A - wd_a - xa + xb >= 0
+    assert DEP_B - wd_b - xb + xa >= 0
+
+
+def test_in_flight_payments_do_not_block_a_commit() -> None:
+    """B proposes from the states it has; A already signed more (in flight): A still co-signs."""
+    a, b = Side(C.PARTY_A, KA), Side(C.PARTY_B, KB)
+    first = a.run(a.core.pay(100))[0]
+    a.run(a.core.pay(50))  # not delivered yet
+    b.run(b.core.receive_state(first.msg))  # type: ignore[attr-defined]
+    (prop,) = b.run(b.core.propose(close=False))
+    (sig,) = a.run(a.core.receive_proposal(prop.msg))  # type: ignore[attr-defined]
+    (submit,) = b.run(b.core.receive_signature(sig.msg))  # type: ignore[attr-defined]
+    assert isinstance(submit, Submit)
+    # but A refuses a proposal recording less than A holds from B, or more than A sent
+    (bs,) = b.run(b.core.pay(10))
+    a.run(a.core.receive_state(bs.msg))  # type: ignore[attr-defined]
+    with pytest.raises(StaleState):
+        a.core.receive_proposal(_signed_proposal(KB, seqno_a=1, seqno_b=0, sent_a=100, withdraw_b=100))
+    with pytest.raises(StaleState):
+        a.core.receive_proposal(_signed_proposal(KB, seqno_a=3, seqno_b=1, sent_a=150, sent_b=10))
+
+
+def test_late_earlier_states_are_checked_but_change_nothing() -> None:
+    a, b = Side(C.PARTY_A, KA), Side(C.PARTY_B, KB)
+    s1 = a.run(a.core.pay(10))[0].msg  # type: ignore[attr-defined]
+    s2 = a.run(a.core.pay(20))[0].msg  # type: ignore[attr-defined]
+    b.run(b.core.receive_state(s2))
+    before = b.core.r
+    b.core.check_old_state(s1)
+    assert b.core.r == before
+    with pytest.raises(BadSignature):
+        b.core.check_old_state(attrs.evolve(s1, sent=11))
+    with pytest.raises(StaleState):
+        b.core.check_old_state(s2)  # not earlier
+    with pytest.raises(WrongChannel):
+        b.core.check_old_state(attrs.evolve(s1, party=C.PARTY_B))
+
+
+def test_idle_channels_close_and_unused_ones_can_close() -> None:
+    a, b = Side(C.PARTY_A, KA), Side(C.PARTY_B, KB)
+    a.core.policy = SettlementPolicy(close_idle=100.0)
+    a.run(a.core.sync_onchain(chain_data(), 1000.0))
+    assert a.core.r.last_activity == 1000.0
+    assert a.core.tick(1050.0) == []
+    a.core.note_activity(1060.0)
+    assert a.core.tick(1150.0) == []
+    assert a.core.tick(1160.0) == [Settle("close", "idle")]
+    assert a.core.tick(1161.0) == []  # once, until the chain moves or the shell gives up
+    a.core.settle_failed()
+    # nothing was ever paid: the close still carries a newer seqno (the contract requires one)
+    (prop,) = a.run(a.core.propose(close=True))
+    p = prop.msg  # type: ignore[attr-defined]
+    assert (p.seqno_a, p.sent_a, p.seqno_b) == (1, 0, 0)
+    (sig,) = b.run(b.core.receive_proposal(p))
+    (submit,) = a.run(a.core.receive_signature(sig.msg))  # type: ignore[attr-defined]
+    assert isinstance(submit, Submit)
+    assert submit.kind == "close"

@@ -148,3 +148,18 @@ def test_forwarder_keeps_its_fee_and_never_fronts() -> None:
         f.on_client_payment(SessionPayment(SID, 40, client.cost(5, 40), DUMMY), 1)
     with pytest.raises(MeteringError):
         Forwarder(Prices(1, 1), PRICES, 5)
+
+
+def test_payments_are_checked_before_anything_changes() -> None:
+    w = WorkerMeter(SID, PRICES, 5, WK, MeterConfig(), 0.0)
+    assert w.check_payment(payment(0)) == PRICES.cost(5, 0)
+    assert w.paid_amount == 0  # checking changes nothing
+    w.on_payment(payment(0), PRICES.cost(5, 0), 0.0)
+    w.on_generated([1, 2], 0.0)
+    assert w.check_payment(payment(2)) == 2 * PRICES.completion
+    w.on_payment(payment(2), 2 * PRICES.completion, 0.0)
+    with pytest.raises(MeteringError):
+        w.check_payment(payment(1))  # fewer tokens than already paid
+    f = Forwarder(Prices(12, 110), PRICES, 5)
+    assert f.check_client_payment(SessionPayment(SID, 0, Prices(12, 110).cost(5, 0), DUMMY)) == 60
+    assert f.client_paid == 0
