@@ -15,10 +15,19 @@ Files (pure cores take ``now`` and never do I/O; shells are trio)::
     rpc.py         the local chain over loopback TCP: serve_localchain, LocalChainClient
     lite.py        the real backend: TON testnet/mainnet via pytoniq's LiteBalancer
     onchain.py     wallet transfers and channel operations over any ChainClient
-    store.py       KVStore (read/write/remove) and its SQLite WAL + fsync implementation
+    store.py       KVStore (read/write/remove), its SQLite WAL + fsync implementation, and
+                   DurableWriter (inline while the disk is fast, grouped commits on a thread)
     messages.py    wire messages, tags 400-479
     channel.py     the channel state machine (pure): Persist before Send, settlement policy
     metering.py    per-token metering cores (payer, worker, proxy forwarder)
     session.py     trio shell: ChannelShell, PayerSession, WorkerSession, forward_session
     watcher.py     challenges stale uncooperative closes, finishes after the window
+    opening.py     channel opening over the wire, the pure part: terms, ids, every check, error codes
+    manager.py     PaymentManager (one per node): protocol /cocoon/pay/1, channels per peer,
+                   persisted and restored, opening, top-ups, the stream handler
+    settlement.py  the settlement driver: propose -> co-sign -> submit, close, policy ticks, watching
+    paysessions.py what the node calls around one generation: pay_session, serve_session, routing
+    paystats.py    statistics snapshots for `cocoon-node status` and Prometheus
+
+The node uses :class:`ton.manager.PaymentManager` only (see ``ton/README.md``).
 """

@@ -83,7 +83,7 @@ from .opening import (
 from .paysessions import Router, SessionBoard, pay_session, serve_session
 from .paystats import PaymentStats, snapshot
 from .session import ChannelShell, PayerSession, WorkerSession
-from .store import ListableKVStore, SQLiteKVStore
+from .store import DurableWriter, ListableKVStore, SQLiteKVStore
 from .wallets import Wallet, wallet_from_data_dir
 from .watcher import Watcher
 
@@ -184,6 +184,7 @@ class PaymentManager:
         self.key = wallet.keys
         self.address = wallet.address()
         self.store = store
+        self.writer = DurableWriter(store)  # every channel's records go through it (grouped commits)
         self.cfg = cfg or PaymentConfig()
         self.clock = clock  # the time settlement policies run on (seconds, survives restarts)
         self.wallet_lock = trio.Lock()
@@ -222,7 +223,7 @@ class PaymentManager:
             if blob
             else Channel(params, meta.me, self.key, policy=policy)
         )
-        shell = ChannelShell(core, self.store)
+        shell = ChannelShell(core, self.store, self.writer)
         ops = ChannelOps(
             self.chain, self.wallet, params, timeout=self.cfg.chain_timeout, lock=self.wallet_lock
         )
@@ -245,7 +246,7 @@ class PaymentManager:
     async def _save_meta(self, entry: ManagedChannel, **changes: object) -> None:
         if changes:
             entry.meta = attrs.evolve(entry.meta, **changes)  # type: ignore[arg-type]
-        await trio.to_thread.run_sync(self.store.write, NS_META, entry.cid.hex(), wire.encode(entry.meta))
+        await self.writer.write(NS_META, entry.cid.hex(), wire.encode(entry.meta))
         self._notify()
 
     def _notify(self) -> None:

@@ -3,8 +3,9 @@
 Theory of operation. A session is bound to an offer's prices (nanoTON per prompt token and per
 completion token). The prompt is prepaid when the session opens. Then:
 
-- the worker (:class:`WorkerMeter`) counts completion tokens it streams, keeps a hash chain over
-  their ids and signs a :class:`Receipt` every ``receipt_every`` tokens and at the end. It streams
+- the worker (:class:`WorkerMeter`) counts completion tokens it streams, keeps a running hash
+  over their ids (:func:`token_hash`: one hash of the id prefix, fed a chunk at a time) and signs
+  a :class:`Receipt` every ``receipt_every`` tokens and at the end. It streams
   at most ``credit_window`` unpaid tokens: past it, it pauses (``may_send`` is False) and
   ``tick`` aborts the session after ``pause_timeout`` seconds without payment;
 - the payer (:class:`PayerMeter`) counts tokens it actually received and pays (a
@@ -21,6 +22,8 @@ Cores take ``now`` and never read a clock.
 from __future__ import annotations
 
 import hashlib
+import struct
+from collections.abc import Sequence
 
 import attrs
 
@@ -43,10 +46,10 @@ __all__ = [
     "WorkerMeter",
     "receipt_digest",
     "sign_receipt",
-    "token_chain",
+    "token_hash",
 ]
 
-GENESIS = b"\x00" * 32
+_TOKEN_TAG = b"cocoon-token-ids-v1"
 
 
 class MeteringError(ChannelError):
@@ -95,12 +98,27 @@ class Abort:
     reason: str
 
 
-def token_chain(prev: bytes, token_ids: list[int] | tuple[int, ...]) -> bytes:
-    """Extend a hash chain over token ids."""
-    h = prev
-    for t in token_ids:
-        h = hashlib.blake2b(h + t.to_bytes(4, "big", signed=False), digest_size=32).digest()
-    return h
+_U32 = struct.Struct(">I")
+
+
+def _pack(token_ids: Sequence[int]) -> bytes:
+    try:
+        if len(token_ids) == 1:  # the common chunk: one token
+            return _U32.pack(token_ids[0])
+        return struct.pack(f">{len(token_ids)}I", *token_ids)
+    except struct.error as e:
+        raise MeteringError(f"token ids must be uint32: {e}") from e
+
+
+def _hasher() -> hashlib.blake2b:
+    return hashlib.blake2b(_TOKEN_TAG, digest_size=32)
+
+
+def token_hash(token_ids: Sequence[int]) -> bytes:
+    """What a receipt for these tokens carries: one hash of all their ids (uint32, in order)."""
+    h = _hasher()
+    h.update(_pack(token_ids))
+    return h.digest()
 
 
 def receipt_digest(r: Receipt) -> bytes:
@@ -132,42 +150,47 @@ class WorkerMeter:
         self.sent = 0  # completion tokens streamed
         self.paid_tokens = 0
         self.paid_amount = 0
-        self.chain = GENESIS
+        self._ids = _hasher()  # running hash of the ids streamed so far
         self.last_receipt_at = 0
         self.paused_since: float | None = None
         self.last_payment_at = now
         self.aborted = ""
+        self._prompt_cost = prices.cost(prompt_tokens, 0)
+        self._window = cfg.credit_window
+        self._receipt_every = cfg.receipt_every
 
     @property
     def prompt_paid(self) -> bool:
-        return self.paid_amount >= self.prices.cost(self.prompt_tokens, 0)
+        return self.paid_amount >= self._prompt_cost
 
     def may_send(self) -> int:
         """How many more tokens may be streamed now (0: paused)."""
-        if self.aborted or not self.prompt_paid:
+        if self.aborted or self.paid_amount < self._prompt_cost:
             return 0
-        return max(0, self.paid_tokens + self.cfg.credit_window - self.sent)
+        return max(0, self.paid_tokens + self._window - self.sent)
 
     def on_generated(self, token_ids: list[int], now: float) -> list[SendReceipt]:
         if self.aborted:
             raise MeteringError(f"session aborted: {self.aborted}")
-        if len(token_ids) > self.may_send():
+        n = len(token_ids)
+        left = self.may_send()
+        if n > left:
             raise MeteringError("streaming past the credit window")
-        self.chain = token_chain(self.chain, token_ids)
-        self.sent += len(token_ids)
-        out: list[SendReceipt] = []
-        if self.sent - self.last_receipt_at >= self.cfg.receipt_every:
-            out.append(SendReceipt(self._receipt(final=False)))
-        if self.may_send() == 0 and self.paused_since is None:
+        self._ids.update(_pack(token_ids))
+        self.sent += n
+        if n == left and self.paused_since is None:
             self.paused_since = now
-        return out
+        if self.sent - self.last_receipt_at >= self._receipt_every:
+            return [SendReceipt(self._receipt(final=False))]
+        return []
 
     def finish(self) -> SendReceipt:
         return SendReceipt(self._receipt(final=True))
 
     def _receipt(self, *, final: bool) -> Receipt:
         self.last_receipt_at = self.sent
-        return sign_receipt(self.key, Receipt(self.session_id, self.sent, self.chain, final, b""))
+        digest = self._ids.copy().digest()
+        return sign_receipt(self.key, Receipt(self.session_id, self.sent, digest, final, b""))
 
     def check_payment(self, p: SessionPayment) -> int:
         """Validate a payment without changing anything; returns the nanoTON it adds."""
@@ -222,7 +245,8 @@ class PayerMeter:
         self.received = 0
         self.paid_tokens = 0
         self.paid_amount = 0
-        self.chains: list[bytes] = [GENESIS]  # chain value after each received token
+        self._ids = bytearray()  # the ids received so far, packed (4 bytes each)
+        self._running = _hasher()  # their hash, kept up to date
         self.last_pay_at = now
         self.last_token_at = now
         self.aborted = ""
@@ -246,10 +270,9 @@ class PayerMeter:
     def on_tokens(self, token_ids: list[int], now: float) -> list[PayFor | Abort]:
         if self.aborted:
             return []
-        chain = self.chains[-1]
-        for t in token_ids:
-            chain = token_chain(chain, [t])
-            self.chains.append(chain)
+        packed = _pack(token_ids)
+        self._ids += packed
+        self._running.update(packed)
         self.received += len(token_ids)
         self.last_token_at = now
         out: list[PayFor | Abort] = []
@@ -258,9 +281,20 @@ class PayerMeter:
             out += self._judge(r)
             if out:  # the receipt did not match: aborted
                 return out
-        if self.received - self.paid_tokens >= self.cfg.pay_every_tokens:
+        unpaid = self.received - self.paid_tokens
+        if unpaid >= self.cfg.pay_every_tokens or now - self.last_pay_at >= self.cfg.pay_every_seconds:
             out += self._pay(now)
         return out
+
+    def next_deadline(self) -> float:
+        """When :meth:`tick` may next have something to do (a shell sleeps until then): paying
+        what is pending once tokens stopped for ``pay_every_seconds``, or the idle abort."""
+        idle = self.last_token_at + self.cfg.idle_timeout
+        if self.aborted:
+            return float("inf")
+        if self.received > self.paid_tokens:
+            return min(idle, max(self.last_pay_at, self.last_token_at) + self.cfg.pay_every_seconds)
+        return idle
 
     def tick(self, now: float) -> list[PayFor | Abort]:
         if self.aborted:
@@ -297,7 +331,13 @@ class PayerMeter:
         return self._judge(r)
 
     def _judge(self, r: Receipt) -> list[PayFor | Abort]:
-        if r.token_hash != self.chains[r.tokens]:
+        if r.tokens == self.received:
+            digest = self._running.copy().digest()
+        else:  # the receipt counts fewer tokens than arrived since: hash that prefix
+            h = _hasher()
+            h.update(memoryview(self._ids)[: 4 * r.tokens])
+            digest = h.digest()
+        if r.token_hash != digest:
             self.aborted = "receipt hash"
             return [Abort("receipt hash chain does not match the tokens received")]
         return []

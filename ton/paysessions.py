@@ -9,9 +9,11 @@
   :class:`~ton.session.WorkerSession`; the node calls ``await ws.produced(token_ids)`` before
   it streams each chunk (blocks at the credit window, raises SessionAborted when unpaid). On exit
   it signs the final receipt and waits (bounded) for the payer's last payment.
-- a proxy sets a :data:`Router` (``pm.board.router``): a SessionOpen on a channel it is paid on
+- a proxy sets a :data:`Router` (``pm.set_router``): every SessionOpen on a channel it is paid on
   is then forwarded to the worker the router names, on the proxy's own channel to that worker,
-  at the worker's prices (:func:`~ton.session.forward_session`).
+  at the worker's prices (:func:`~ton.session.forward_session`); a router returning None refuses
+  the session at once (error code ``metering``). Without a router, sessions wait for
+  :func:`serve_session` to claim them (for ``claim_timeout`` seconds).
 
 :class:`SessionBoard` is where SessionOpens that arrive on the protocol meet the generation
 that claims them (either may come first). A session id is accepted once per process.
@@ -139,9 +141,10 @@ class SessionBoard:
         entry.core.note_activity(pm.clock())
         if self.router is not None:
             route = await self.router(msg, stream.peer_id)
-            if route is not None:
-                await self._forward(stream, msg, entry, route)
-                return
+            if route is None:
+                raise MeteringError("no route for this session (offer unknown, or prices too low)")
+            await self._forward(stream, msg, entry, route)
+            return
         slot = _Incoming(msg, stream, entry)
         self.incoming[msg.session_id] = slot
         self._notify()

@@ -31,7 +31,7 @@ from .channel import Channel, Persist, Received, Send, Submit
 from .keys import KeyPair
 from .messages import PayState, Receipt, SessionAccept, SessionClose, SessionOpen, SessionPayment
 from .metering import Abort, Forwarder, MeterConfig, MeteringError, PayerMeter, PayFor, Prices, WorkerMeter
-from .store import KVStore
+from .store import DurableWriter, KVStore
 
 __all__ = ["ChannelShell", "PayerSession", "SessionAborted", "WorkerSession", "forward_session"]
 
@@ -46,9 +46,10 @@ class SessionAborted(ChannelError):
 class ChannelShell:
     """A channel core plus its store: effects are applied Persist-first, under one lock."""
 
-    def __init__(self, core: Channel, store: KVStore) -> None:
+    def __init__(self, core: Channel, store: KVStore, writer: DurableWriter | None = None) -> None:
         self.core = core
         self.store = store
+        self.writer = writer or DurableWriter(store)  # share one per store: grouped commits
         self.lock = trio.Lock()
         self.pool = 0  # nanoTON received on this channel that no session has claimed yet
 
@@ -58,7 +59,7 @@ class ChannelShell:
         for e in effects:
             if isinstance(e, Persist):
                 try:
-                    await trio.to_thread.run_sync(self.store.write, e.namespace, e.key, e.blob)
+                    await self.writer.write(e.namespace, e.key, e.blob)
                 except BaseException:
                     # The write may not have happened: reload what is durable and stop here.
                     blob = self.store.read(e.namespace, e.key)
@@ -160,8 +161,12 @@ class PayerSession:
             await self._pay(e)
 
     async def received(self, token_ids: list[int]) -> None:
-        async with self._pay_lock:
-            await self._handle(self.meter.on_tokens(token_ids, self.clock()))
+        """Call for each chunk of tokens that arrived; pays when the meter says so."""
+        # Decide first, lock only to act: the lock is FIFO, so decisions go out in order.
+        effects = self.meter.on_tokens(token_ids, self.clock())
+        if effects:
+            async with self._pay_lock:
+                await self._handle(effects)
 
     async def run_receipts(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Read receipts until the stream ends; tick the meter meanwhile."""
@@ -173,8 +178,10 @@ class PayerSession:
                 if msg is None:
                     break
                 r = expect(Receipt, msg)
-                async with self._pay_lock:
-                    await self._handle(self.meter.on_receipt(r))
+                effects = self.meter.on_receipt(r)
+                if effects:
+                    async with self._pay_lock:
+                        await self._handle(effects)
                 self.receipts.append(r)
                 if r.final:
                     break
@@ -182,9 +189,11 @@ class PayerSession:
 
     async def _ticker(self) -> None:
         while True:
-            await trio.sleep(TICK)
-            async with self._pay_lock:
-                await self._handle(self.meter.tick(self.clock()))
+            await trio.sleep(max(TICK, self.meter.next_deadline() - self.clock()))
+            effects = self.meter.tick(self.clock())
+            if effects:
+                async with self._pay_lock:
+                    await self._handle(effects)
 
     async def close(self) -> None:
         """Pay for every token received, then end the session."""

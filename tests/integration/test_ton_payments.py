@@ -30,7 +30,7 @@ from ton.keys import KeyPair
 from ton.localchain import LocalChain
 from ton.localservice import LocalChainService
 from ton.manager import PaymentConfig, PaymentManager
-from ton.metering import MeterConfig, Prices
+from ton.metering import MeterConfig, MeteringError, Prices
 from ton.onchain import OP_GAS
 from ton.opening import ChannelTerms, UnknownChannel
 from ton.paysessions import Route
@@ -304,6 +304,14 @@ async def test_hub_session_through_a_proxy_keeps_its_fee(net: Net) -> None:
     assert stats.forward_fees == client_paid - worker_paid
     assert p.pm.counters["sessions_forwarded"] == 1
     assert {ch.role for ch in stats.channels} == {"payer", "payee"}
+
+    async def no_route(open_msg: Any, payer: str) -> Route | None:
+        return None
+
+    p.pm.set_router(no_route)  # the proxy knows no such offer: refused at once, nothing paid
+    with trio.fail_after(5), pytest.raises(MeteringError):
+        await metered(c, w, 10, via=p, worker_prices=worker_prices)
+    assert c.pm.statistics().spent == client_paid
 
 
 async def test_top_up_when_low_then_forced_close_when_the_payee_vanished(net: Net) -> None:
