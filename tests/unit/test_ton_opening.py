@@ -6,12 +6,15 @@ from __future__ import annotations
 import os
 
 import attrs
+import msgpack
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from overlay import wire
 from overlay.errors import (
     ChainError,
+    DecodeError,
     InsufficientFunds,
     NodeError,
     RemoteError,
@@ -22,7 +25,7 @@ from ton import contract as C
 from ton.chain import AccountInfo
 from ton.channel import BadSignature
 from ton.keys import KeyPair
-from ton.messages import OpenAccept, OpenChannel
+from ton.messages import ChannelCheck, ChannelChecked, ChannelMeta, OpenAccept, OpenChannel
 from ton.metering import MeteringError
 from ton.opening import (
     ChannelClosed,
@@ -193,3 +196,48 @@ def test_after_settlements_the_contract_must_still_hold_the_payees_balance() -> 
         check_chain_state(params, short_of_a, data, fresh=True)
     with pytest.raises(ChannelMismatch):
         check_chain_state(params, attrs.evolve(account, balance=TON // 2 - 1), data)
+
+
+_OPENING_MESSAGES = [OpenChannel, OpenAccept, ChannelCheck, ChannelChecked, ChannelMeta]
+
+
+@given(
+    cls=st.sampled_from(_OPENING_MESSAGES),
+    fields=st.lists(
+        st.one_of(st.integers(-(2**70), 2**70), st.binary(max_size=100), st.text(max_size=100), st.none()),
+        max_size=14,
+    ),
+)
+def test_forged_open_messages_decode_or_raise_decode_error(cls: type, fields: list[object]) -> None:
+    raw = msgpack.packb([wire.WIRE_VERSION, cls.TAG, fields], use_bin_type=True)  # type: ignore[attr-defined]
+    try:
+        msg = wire.decode(raw)
+    except DecodeError:
+        return
+    assert isinstance(msg, cls)
+    assert wire.decode(wire.encode(msg)) == msg
+
+
+@given(st.binary(max_size=400))
+def test_random_bytes_on_the_control_stream_raise_decode_error_only(data: bytes) -> None:
+    try:
+        wire.decode(data)
+    except DecodeError:
+        pass
+
+
+def test_open_messages_round_trip() -> None:
+    sent = proposal()
+    acc, params = payee_side(sent)
+    meta = ChannelMeta(
+        acc.channel_id, 1, "12D3KooW", params.key_a, params.key_b, params.addr_a, params.addr_b,
+        params.quarantine, params.fine, "proposed", 1.5, TON,
+    )  # fmt: skip
+    for m in (
+        sent,
+        acc,
+        ChannelCheck(acc.channel_id),
+        ChannelChecked(acc.channel_id, "open", 1, 2, 3, 4),
+        meta,
+    ):
+        assert wire.decode(wire.encode(m)) == m
