@@ -51,6 +51,7 @@ _SCALARS: dict[int, tuple[str, str]] = {
     12: ("<d", "<f8"),
 }
 _STRING, _ARRAY = 8, 9
+_U64 = struct.Struct("<Q")
 
 
 @attrs.frozen
@@ -92,6 +93,23 @@ class _Cursor:
         self.pos += n
         return raw.decode("utf-8", errors="replace")
 
+    def _strings(self, n: int) -> list[str]:
+        """``n`` length-prefixed strings (a vocabulary: the hot loop of opening a file)."""
+        buf, pos, size = self.buf, self.pos, len(self.buf)
+        unpack = _U64.unpack_from
+        out: list[str] = []
+        for _ in range(n):
+            if pos + 8 > size:
+                raise ModelLoadError(f"{self.path}: truncated GGUF string array at {pos}")
+            (length,) = unpack(buf, pos)
+            pos += 8
+            if length > _MAX_STRING or pos + length > size:
+                raise ModelLoadError(f"{self.path}: bad GGUF string of {length} bytes at {pos}")
+            out.append(buf[pos : pos + length].decode("utf-8", errors="replace"))
+            pos += length
+        self.pos = pos
+        return out
+
     def value(self, vtype: int) -> object:
         if vtype in _SCALARS:
             return self.scalar(_SCALARS[vtype][0])
@@ -109,7 +127,7 @@ class _Cursor:
                 self.pos += n * dt.itemsize
                 return arr.astype(bool) if etype == 7 else arr
             if etype == _STRING:
-                return [self.string() for _ in range(n)]
+                return self._strings(n)
             if etype == _ARRAY:
                 return [self.value(_ARRAY) for _ in range(n)]
             raise ModelLoadError(f"{self.path}: unknown GGUF array element type {etype}")

@@ -26,9 +26,30 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
-__all__ = ["decode_layers"]
+__all__ = ["decode_layers", "qlinear"]
 
 log = logging.getLogger(__name__)
+
+
+def _qlinear(
+    x: torch.Tensor,
+    packed: torch.classes.quantized.LinearPackedParamsBase,  # type: ignore[name-defined]
+    guard: torch.Tensor,
+) -> torch.Tensor:
+    """``x @ W.T`` through fbgemm's int8 linear, each row quantized on its own range.
+
+    fbgemm quantizes its input with one range per tensor: with several rows
+    (a prompt, a batch) one large row would coarsen all others.  Each row is
+    scaled to unit max-abs and a guard row (+1 ... -1) pins the range to
+    [-1, 1]; the result is scaled back.  One row needs none of this.
+    """
+    b = x.size(0)
+    if b == 1:
+        y: torch.Tensor = torch.ops.quantized.linear_dynamic(x, packed, True)
+        return y
+    m = x.abs().amax(dim=1, keepdim=True).clamp_min(1e-30)
+    y = torch.ops.quantized.linear_dynamic(torch.cat([x / m, guard]), packed, True)
+    return y[:b] * m
 
 
 def _decode_layers(
@@ -44,6 +65,7 @@ def _decode_layers(
     attn_norms: list[torch.Tensor],
     ffn_norms: list[torch.Tensor],
     packed: list[torch.classes.quantized.LinearPackedParamsBase],  # type: ignore[name-defined]
+    guards: list[torch.Tensor],
     dense: list[torch.Tensor],
     int8: bool,
     n_heads: int,
@@ -52,18 +74,23 @@ def _decode_layers(
     inter: int,
     eps: float,
 ) -> torch.Tensor:
-    """All layers for one token per row of ``x`` [B, hidden]; returns the last hidden state."""
+    """All layers for one token per row of ``x`` [B, hidden]; returns the last hidden state.
+
+    Linear ``j`` of layer ``i`` (qkv, o, gate_up, down) is entry ``4 * i + j`` of
+    the int8 lists (or of ``dense`` for fp32 weights).
+    """
     b = x.size(0)
     g = n_heads // n_kv
     nq = n_heads * head_dim
     nqk = (n_heads + n_kv) * head_dim
     hid = [x.size(1)]
     for i in range(len(kcs)):
+        j = 4 * i
         h = torch.rms_norm(x, hid, attn_norms[i], eps)
         if int8:
-            qkv = torch.ops.quantized.linear_dynamic(h, packed[4 * i], True)
+            qkv = _qlinear(h, packed[j], guards[j])
         else:
-            qkv = F.linear(h, dense[4 * i])
+            qkv = F.linear(h, dense[j])
         # RoPE on q and k at once, in place (rows are stored in interleaved pair order)
         qk = torch.view_as_complex(qkv[:, :nqk].view(b, n_heads + n_kv, head_dim // 2, 2))
         qk.mul_(freqs)
@@ -83,31 +110,31 @@ def _decode_layers(
             s = s + mask
         o = torch.matmul(torch.softmax(s, dim=-1), values).view(b, nq)
         if int8:
-            x = x + torch.ops.quantized.linear_dynamic(o, packed[4 * i + 1], True)
+            x = x + _qlinear(o, packed[j + 1], guards[j + 1])
         else:
-            x = x + F.linear(o, dense[4 * i + 1])
+            x = x + F.linear(o, dense[j + 1])
         h = torch.rms_norm(x, hid, ffn_norms[i], eps)
         if int8:
-            gu = torch.ops.quantized.linear_dynamic(h, packed[4 * i + 2], True)
+            gu = _qlinear(h, packed[j + 2], guards[j + 2])
         else:
-            gu = F.linear(h, dense[4 * i + 2])
+            gu = F.linear(h, dense[j + 2])
         a = F.silu(gu[:, :inter]) * gu[:, inter:]
         if int8:
-            x = x + torch.ops.quantized.linear_dynamic(a, packed[4 * i + 3], True)
+            x = x + _qlinear(a, packed[j + 3], guards[j + 3])
         else:
-            x = x + F.linear(a, dense[4 * i + 3])
+            x = x + F.linear(a, dense[j + 3])
     return x
 
 
-def _compile() -> Any:
-    src = _decode_layers
+def _compile(fn: Any) -> Any:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
-            return torch.jit.script(src)
+            return torch.jit.script(fn)
     except Exception as e:  # TorchScript gone or broken: same function, Python speed
-        log.warning("TorchScript unavailable (%s); decode runs as Python", e)
-        return src
+        log.warning("TorchScript unavailable (%s); %s runs as Python", e, fn.__name__)
+        return fn
 
 
-decode_layers: Any = _compile()
+qlinear: Any = _compile(_qlinear)
+decode_layers: Any = _compile(_decode_layers)

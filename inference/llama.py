@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from overlay.errors import ModelLoadError
 
-from .kernels import decode_layers
+from .kernels import decode_layers, qlinear
 
 __all__ = [
     "Int8Linear",
@@ -50,6 +50,7 @@ __all__ = [
     "Linear",
     "hf_to_interleaved",
     "make_linear",
+    "rope_table",
 ]
 
 Linear = Callable[[torch.Tensor], torch.Tensor]
@@ -86,26 +87,30 @@ class LlamaConfig:
 class Int8Linear:
     """``y = x @ W.T`` with W as int8 + per-row scales, through fbgemm's dynamic-quantized linear.
 
-    fbgemm quantizes the input to 7-bit unsigned per call, per tensor (one
-    range for all rows of a batch), and accumulates in int32.  A row's result
-    can therefore differ in the last bits with the other rows of its batch;
-    the fp32 kind is batch-invariant.
+    fbgemm quantizes the input to 7 bits per call; :func:`inference.kernels.qlinear`
+    gives every row its own range.  A row decoded alone and in a batch can
+    differ in the last bits; the fp32 kind is batch-invariant.  The loader
+    smooths activation outliers into the weights first (:mod:`inference.smooth`).
     """
 
     def __init__(self, weight: torch.Tensor) -> None:
         w = weight.detach().float()
         self.out_features, self.in_features = w.shape
         scale = (w.abs().amax(dim=1) / 127.0).clamp_min(1e-12)
+        q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+        self.guard = torch.zeros(1, self.in_features)
+        self.guard[0, 0] = 1.0
+        self.guard[0, -1] = -1.0 if self.in_features > 1 else 1.0
         zero = torch.zeros(self.out_features, dtype=torch.long)
         with warnings.catch_warnings():
             # torch 2.13 marks quantized tensor *creation* deprecated; fbgemm's packed
             # linear is still the fastest int8 matmul for CPU decode (see bench/inference.py).
             warnings.simplefilter("ignore", UserWarning)
-            qw = torch.quantize_per_channel(w, scale.double(), zero, 0, torch.qint8)
+            qw = torch._make_per_channel_quantized_tensor(q, scale.double(), zero, 0)
             self.packed = torch.ops.quantized.linear_prepack(qw, None)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        y: torch.Tensor = torch.ops.quantized.linear_dynamic(x, self.packed, True)
+        y: torch.Tensor = qlinear(x, self.packed, self.guard)
         return y
 
 
@@ -126,6 +131,14 @@ def make_linear(weight: torch.Tensor, kind: str) -> Linear:
     if kind == "fp32":
         return Fp32Linear(weight)
     raise ValueError(f"unknown weight kind {kind!r}")
+
+
+def rope_table(cfg: LlamaConfig, n: int) -> torch.Tensor:
+    """RoPE rotations for positions ``0..n-1``: complex64 [n, head_dim / 2] (interleaved pairs)."""
+    d = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    ang = torch.outer(torch.arange(n, dtype=torch.float64), inv)
+    return torch.polar(torch.ones_like(ang), ang).to(torch.complex64)
 
 
 def hf_to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -170,9 +183,7 @@ class LlamaModel:
         self._k = list(self.k_cache.unbind(0))
         self._v = list(self.v_cache.unbind(0))
         self.initialized = [0] * slots  # per slot: positions [0, n) hold finite values
-        inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
-        ang = torch.outer(torch.arange(context, dtype=torch.float64), inv)
-        self._freqs = torch.polar(torch.ones_like(ang), ang).to(torch.complex64)  # [context, d/2]
+        self._freqs = rope_table(cfg, context)
         self._arange = torch.arange(context)
         # flat per-layer lists for the TorchScript decode loop (kernels.decode_layers)
         self._attn_norms = [lw.attn_norm for lw in weights.layers]
@@ -181,7 +192,9 @@ class LlamaModel:
         self._int8 = all(isinstance(f, Int8Linear) for f in linears)
         if not self._int8 and not all(isinstance(f, Fp32Linear) for f in linears):
             raise ValueError("all layers must use the same linear kind")
-        self._packed = [f.packed for f in linears if isinstance(f, Int8Linear)]
+        int8s = [f for f in linears if isinstance(f, Int8Linear)]
+        self._packed = [f.packed for f in int8s]
+        self._guards = [f.guard for f in int8s]
         self._dense = [f.weight for f in linears if isinstance(f, Fp32Linear)]
 
     # ---------------------------------------------------------------- cache housekeeping
@@ -276,6 +289,7 @@ class LlamaModel:
             self._attn_norms,
             self._ffn_norms,
             self._packed,
+            self._guards,
             self._dense,
             self._int8,
             cfg.num_heads,

@@ -21,7 +21,8 @@ import torch
 from overlay.errors import ModelLoadError
 
 from .gguf_file import read_gguf
-from .llama import LayerWeights, LlamaConfig, LlamaWeights, hf_to_interleaved, make_linear
+from .llama import LayerWeights, LlamaConfig, LlamaWeights, hf_to_interleaved, make_linear, rope_table
+from .smooth import CALIBRATION_TEXT, LayerTensors, calibrate_layer, smooth_layer
 from .tokenizer import Tokenizer, tokenizer_from_gguf, tokenizer_from_hf_dir
 
 __all__ = ["LoadedModel", "load_model", "read_hf_config"]
@@ -55,11 +56,25 @@ Getter = Callable[[str], torch.Tensor]
 
 
 def _assemble(
-    cfg: LlamaConfig, get: Callable[[str, int], torch.Tensor], kind: str, hf_rope: bool
+    cfg: LlamaConfig,
+    get: Callable[[str, int], torch.Tensor],
+    kind: str,
+    hf_rope: bool,
+    calib_ids: list[int],
 ) -> LlamaWeights:
-    """Build the fused weights from ``get(role, layer)`` (layer -1 for global tensors)."""
+    """Build the fused weights from ``get(role, layer)`` (layer -1 for global tensors).
+
+    For int8, each layer is first run in fp32 on ``calib_ids`` and smoothed
+    (:mod:`inference.smooth`); only one layer's fp32 weights are alive at a time.
+    """
     d = cfg.head_dim
     scale = 1.0 / math.sqrt(d)
+    embed = get("embed", -1)
+    _check(embed, (cfg.vocab_size, cfg.hidden_size), "embeddings")
+    h: torch.Tensor | None = None
+    freqs = rope_table(cfg, max(len(calib_ids), 1))
+    if kind == "int8" and calib_ids:
+        h = embed[torch.tensor(calib_ids)].float()
     layers: list[LayerWeights] = []
     for i in range(cfg.num_layers):
         q, k, v = get("q", i), get("k", i), get("v", i)
@@ -74,18 +89,30 @@ def _assemble(
         _check(gate, (cfg.intermediate_size, cfg.hidden_size), f"layer {i} gate")
         _check(up, (cfg.intermediate_size, cfg.hidden_size), f"layer {i} up")
         _check(down, (cfg.hidden_size, cfg.intermediate_size), f"layer {i} down")
+        t = LayerTensors(
+            q * scale,
+            k,
+            v,
+            o,
+            gate,
+            up,
+            down,
+            _vec(get("attn_norm", i), cfg.hidden_size, f"layer {i} attn_norm"),
+            _vec(get("ffn_norm", i), cfg.hidden_size, f"layer {i} ffn_norm"),
+        )
+        if h is not None:
+            h, stats = calibrate_layer(h, t, cfg, freqs)
+            t = smooth_layer(t, stats, cfg)
         layers.append(
             LayerWeights(
-                attn_norm=_vec(get("attn_norm", i), cfg.hidden_size, f"layer {i} attn_norm"),
-                qkv=make_linear(torch.cat([q * scale, k, v]), kind),
-                o=make_linear(o, kind),
-                ffn_norm=_vec(get("ffn_norm", i), cfg.hidden_size, f"layer {i} ffn_norm"),
-                gate_up=make_linear(torch.cat([gate, up]), kind),
-                down=make_linear(down, kind),
+                attn_norm=t.attn_norm,
+                qkv=make_linear(torch.cat([t.q, t.k, t.v]), kind),
+                o=make_linear(t.o, kind),
+                ffn_norm=t.ffn_norm,
+                gate_up=make_linear(torch.cat([t.gate, t.up]), kind),
+                down=make_linear(t.down, kind),
             )
         )
-    embed = get("embed", -1)
-    _check(embed, (cfg.vocab_size, cfg.hidden_size), "embeddings")
     head = embed if cfg.tie_word_embeddings else get("lm_head", -1)
     _check(head, (cfg.vocab_size, cfg.hidden_size), "lm_head")
     if kind == "int8":
@@ -186,6 +213,11 @@ def _safetensor_files(model_dir: Path) -> list[Path]:
     return files
 
 
+def _calibration_ids(tokenizer: Tokenizer, cfg: LlamaConfig) -> list[int]:
+    ids = tokenizer.encode(CALIBRATION_TEXT)
+    return [i for i in ids if 0 <= i < cfg.vocab_size][: cfg.max_position]
+
+
 def _load_hf(model_dir: Path, kind: str) -> LoadedModel:
     from safetensors import safe_open
 
@@ -227,7 +259,7 @@ def _load_hf(model_dir: Path, kind: str) -> LoadedModel:
             raise ModelLoadError(f"{f}: cannot read tensor {name!r}: {e}") from e
         return t.float()
 
-    w = _assemble(cfg, get, kind, hf_rope=True)
+    w = _assemble(cfg, get, kind, True, _calibration_ids(tokenizer, cfg))
     return LoadedModel(cfg, w, tokenizer, model_dir, "hf", _count(cfg))
 
 
@@ -290,5 +322,5 @@ def _load_gguf(path: Path, kind: str) -> LoadedModel:
         def get(role: str, layer: int) -> torch.Tensor:
             return g.dequantize(names[role].format(layer))
 
-        w = _assemble(cfg, get, kind, hf_rope=False)
+        w = _assemble(cfg, get, kind, False, _calibration_ids(tokenizer, cfg))
     return LoadedModel(cfg, w, tokenizer, path, "gguf", _count(cfg))
