@@ -200,6 +200,12 @@ class TorchEngine:
                     sched.discard(rid)
                 self._kick()  # a freed slot may admit a waiting request
 
+    def count_prompt_tokens(self, request: GenerateRequest) -> int:
+        """Prompt tokens ``request`` will be billed for (it is fully checked first)."""
+        sched = self._scheduler()
+        with self._lock:  # the tokenizer is shared with the model thread
+            return len(sched.encode(request))
+
     async def cancel(self, request_id: str) -> bool:
         if self._sched is None:
             return False

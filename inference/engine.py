@@ -8,6 +8,7 @@
         async for chunk in chunks:        # TokenChunk*, then one FinalChunk
             ...
     await engine.cancel(request_id)       # from anywhere; the stream ends with reason "cancelled"
+    engine.count_prompt_tokens(request)   # what the request will be billed as prompt (checks it too)
     engine.stats()                        # -> EngineStats snapshot
     await engine.close()
 
@@ -36,6 +37,7 @@ from .messages import Chunk, GenerateRequest
 
 __all__ = [
     "ContextLengthExceeded",
+    "encode_request",
     "Engine",
     "EngineStats",
     "InvalidSampling",
@@ -128,6 +130,8 @@ class Engine(Protocol):
 
     async def cancel(self, request_id: str) -> bool: ...
 
+    def count_prompt_tokens(self, request: GenerateRequest) -> int: ...
+
     def stats(self) -> EngineStats: ...
 
     async def close(self) -> None: ...
@@ -162,3 +166,35 @@ def check_request(req: GenerateRequest, *, vocab_size: int, max_tokens: int) -> 
         raise InvalidSampling("stop strings must not be empty")
     if any(not 0 <= t < vocab_size for t in req.stop_token_ids):
         raise InvalidSampling(f"stop_token_ids must be in [0, {vocab_size})")
+    if any(not 0 <= t < vocab_size for t in req.continuation):
+        raise MalformedRequest(f"continuation token ids must be in [0, {vocab_size})")
+
+
+class _Encoder(Protocol):
+    def encode_prompt(self, text: str) -> list[int]: ...
+
+    def encode_chat(self, messages: list[tuple[str, str]]) -> list[int]: ...
+
+
+def encode_request(
+    req: GenerateRequest, tokenizer: _Encoder, *, vocab_size: int, max_tokens: int, context: int
+) -> list[int]:
+    """Check ``req`` and return its prompt ids (rendered prompt + continuation); BadRequest subclasses."""
+    check_request(req, vocab_size=vocab_size, max_tokens=max_tokens)
+    try:
+        if req.prompt is not None:
+            ids = tokenizer.encode_prompt(req.prompt)
+        else:
+            ids = tokenizer.encode_chat([(m.role, m.content) for m in req.messages])
+    except ValueError as e:
+        raise MalformedRequest(str(e)) from e
+    ids.extend(req.continuation)
+    if not ids:
+        raise MalformedRequest("the prompt is empty")
+    if len(ids) >= context:
+        raise ContextLengthExceeded(f"prompt of {len(ids)} tokens; this worker's context is {context}")
+    if len(ids) + req.max_tokens > context:
+        raise ContextLengthExceeded(
+            f"prompt of {len(ids)} tokens + max_tokens {req.max_tokens} exceed the context of {context}"
+        )
+    return ids

@@ -46,7 +46,7 @@ import trio
 
 from overlay.errors import InferenceError, ModelLoadError
 
-from .engine import ContextLengthExceeded, EngineStats, MalformedRequest, ModelInfo, check_request
+from .engine import EngineStats, MalformedRequest, ModelInfo, encode_request
 from .messages import Chunk, FinalChunk, GenerateRequest, TokenChunk
 from .tokenizer import Tokenizer, tokenizer_from_hf_dir
 
@@ -309,26 +309,27 @@ class ExLlamaV2Engine:
 
     # ------------------------------------------------------------------ requests
 
-    def _submit(self, req: GenerateRequest) -> _Job:
-        if self._closed or self._backend is None or self._tok is None or self._info is None:
+    def count_prompt_tokens(self, request: GenerateRequest) -> int:
+        """Prompt tokens ``request`` will be billed for (it is fully checked first)."""
+        return len(self._encode(request))
+
+    def _encode(self, req: GenerateRequest) -> list[int]:
+        if self._closed or self._tok is None or self._info is None:
             raise InferenceError("engine closed" if self._closed else "engine not loaded")
-        check_request(req, vocab_size=self._info.vocab_size, max_tokens=self._info.max_tokens)
+        return encode_request(
+            req,
+            self._tok,
+            vocab_size=self._info.vocab_size,
+            max_tokens=self._info.max_tokens,
+            context=self._info.context_length,
+        )
+
+    def _submit(self, req: GenerateRequest) -> _Job:
+        ids = self._encode(req)
+        if self._backend is None or self._tok is None:
+            raise InferenceError("engine closed")
         if req.request_id in self._jobs:
             raise MalformedRequest(f"request id {req.request_id!r} is already in flight")
-        try:
-            if req.prompt is not None:
-                ids = self._tok.encode_prompt(req.prompt)
-            else:
-                ids = self._tok.encode_chat([(m.role, m.content) for m in req.messages])
-        except ValueError as e:
-            raise MalformedRequest(str(e)) from e
-        if not ids:
-            raise MalformedRequest("the prompt is empty")
-        if len(ids) + req.max_tokens > self._info.context_length:
-            raise ContextLengthExceeded(
-                f"prompt of {len(ids)} tokens + max_tokens {req.max_tokens} exceed the context of "
-                f"{self._info.context_length}"
-            )
         stop: list[int | str] = [*req.stop_token_ids, *req.stop]
         if not req.ignore_eos:
             stop.extend(self._tok.eos_token_ids)  # a job has no stop token unless we pass it

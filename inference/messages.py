@@ -49,6 +49,7 @@ def _w(*, max_len: int | None = None, max_items: int | None = None) -> dict[str,
 
 MAX_PROMPT_CHARS = 256 * 1024  # characters of one prompt or one chat message
 MAX_CHUNK_TOKENS = 1024  # token ids in one chunk message
+MAX_CONTINUATION = 16384  # token ids a resumed request may carry
 
 #: finish reasons of a FinalChunk
 FINISH_REASONS = frozenset({"stop_token", "stop_string", "length", "cancelled", "error"})
@@ -85,6 +86,11 @@ class GenerateRequest:
     sampling reproducible.  Generation stops at an EOS / end-of-turn token
     (unless ``ignore_eos``), at one of ``stop`` (not emitted), at one of
     ``stop_token_ids``, or after ``max_tokens``.
+
+    ``continuation`` resumes a generation another worker began (it died
+    mid-stream): the token ids the client already received are appended to
+    the rendered prompt, count as prompt tokens, and are not sent again;
+    ``max_tokens`` counts only the new tokens.
     """
 
     request_id: str = attrs.field(metadata=_w(max_len=64))
@@ -99,6 +105,7 @@ class GenerateRequest:
     stop: tuple[str, ...] = attrs.field(default=(), metadata=_w(max_items=16, max_len=256))
     stop_token_ids: tuple[int, ...] = attrs.field(default=(), metadata=_w(max_items=16))
     ignore_eos: bool = False
+    continuation: tuple[int, ...] = attrs.field(default=(), metadata=_w(max_items=MAX_CONTINUATION))
 
 
 @wire.message(101)

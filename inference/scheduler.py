@@ -37,13 +37,7 @@ from collections import deque
 import attrs
 import torch
 
-from .engine import (
-    ContextLengthExceeded,
-    EngineStats,
-    MalformedRequest,
-    Overloaded,
-    check_request,
-)
+from .engine import EngineStats, MalformedRequest, Overloaded, encode_request
 from .messages import Chunk, FinalChunk, GenerateRequest, TokenChunk
 from .sampling import SampleSpec
 from .tokenizer import Detokenizer, Tokenizer
@@ -143,29 +137,11 @@ class Scheduler:
 
     def submit(self, req: GenerateRequest, now: float) -> Sequence:
         """Validate, tokenize and queue a request; raises a BadRequest subclass or Overloaded."""
-        check_request(req, vocab_size=self.vocab_size, max_tokens=self.max_tokens)
+        prompt = self.encode(req)
         if req.request_id in self.seqs:
             raise MalformedRequest(f"request id {req.request_id!r} is already in flight")
         if len(self.waiting) >= self.max_waiting:
             raise Overloaded(f"{len(self.waiting)} requests already queued")
-        try:
-            if req.prompt is not None:
-                prompt = self.tok.encode_prompt(req.prompt)
-            else:
-                prompt = self.tok.encode_chat([(m.role, m.content) for m in req.messages])
-        except ValueError as e:
-            raise MalformedRequest(str(e)) from e
-        if not prompt:
-            raise MalformedRequest("the prompt is empty")
-        if len(prompt) >= self.context:
-            raise ContextLengthExceeded(
-                f"prompt of {len(prompt)} tokens; this worker's context is {self.context}"
-            )
-        if len(prompt) + req.max_tokens > self.context:
-            raise ContextLengthExceeded(
-                f"prompt of {len(prompt)} tokens + max_tokens {req.max_tokens}"
-                f" exceed the context of {self.context}"
-            )
         seed = req.seed if req.seed is not None else self.rng.getrandbits(63)
         gen = None
         if req.temperature > 0:
@@ -174,11 +150,17 @@ class Scheduler:
         stop_ids = set(req.stop_token_ids)
         if not req.ignore_eos:
             stop_ids.update(self.tok.eos_token_ids)
-        seq = Sequence(req, prompt, spec, frozenset(stop_ids), Detokenizer(self.tok), now)
+        seq = Sequence(req, prompt, spec, frozenset(stop_ids), Detokenizer(self.tok, req.continuation), now)
         self.seqs[req.request_id] = seq
         self.waiting.append(seq)
         self.prompt_tokens += len(prompt)
         return seq
+
+    def encode(self, req: GenerateRequest) -> list[int]:
+        """The request's prompt ids (template + continuation), after every check."""
+        return encode_request(
+            req, self.tok, vocab_size=self.vocab_size, max_tokens=self.max_tokens, context=self.context
+        )
 
     def cancel(self, rid: str) -> bool:
         """Stop a request; its reader gets a final chunk with reason ``cancelled``."""

@@ -111,11 +111,12 @@ class Tokenizer:
 class Detokenizer:
     """Incremental, UTF-8-safe decoding of generated ids (one per request)."""
 
-    def __init__(self, tokenizer: Tokenizer) -> None:
+    def __init__(self, tokenizer: Tokenizer, context: Sequence[int] = ()) -> None:
+        """``context``: ids whose text the reader already has (a resumed generation)."""
         self._tok = tokenizer
-        self._ids: list[int] = []
+        self._ids: list[int] = list(context[-8:])
         self._prefix = 0  # ids before this index were fully emitted
-        self._read = 0  # ids before this index are covered by emitted text
+        self._read = len(self._ids)  # ids before this index are covered by emitted text
 
     def add(self, token_id: int) -> str:
         """Append one id; the newly completed text (may be "")."""

@@ -305,3 +305,19 @@ async def test_corrupt_model_file_fails_load_with_its_name(tmp_path: Path) -> No
     engine = TorchEngine(bad, threads=1)
     with pytest.raises(ModelLoadError, match=r"broken\.gguf"):
         await engine.load()
+
+
+async def test_continuation_resumes_where_another_worker_stopped(tiny_engine: TorchEngine) -> None:
+    ref = ids_of(await run(tiny_engine, req("ref", max_tokens=12, ignore_eos=True)))
+    base = tiny_engine.count_prompt_tokens(req("count"))
+    resumed_req = req("resume", max_tokens=7, ignore_eos=True, continuation=tuple(ref[:5]))
+    assert tiny_engine.count_prompt_tokens(resumed_req) == base + 5
+    resumed = await run(tiny_engine, resumed_req)
+    final = check_billing(resumed)
+    assert final.prompt_tokens == base + 5
+    assert final.completion_tokens == 7
+    assert ids_of(resumed) == ref[5:12]
+    with pytest.raises(MalformedRequest, match="continuation"):
+        tiny_engine.count_prompt_tokens(req("bad", continuation=(10**6,)))
+    with pytest.raises(ContextLengthExceeded):
+        tiny_engine.count_prompt_tokens(req("long", max_tokens=100, continuation=(5,) * 200))
