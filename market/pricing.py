@@ -135,6 +135,11 @@ class OfferPublisher:
         self.current = self._body(now, prices, self.profile.capacity)
         return self.current
 
+    def update_profile(self, profile: WorkerProfile) -> None:
+        """A new profile (a rotated attestation report): the next tick publishes at once."""
+        self.profile = profile
+        self.current = None
+
     def withdraw(self, now: float) -> Offer:
         """A capacity-0 offer with a higher seqno: proxies drop the worker at once."""
         self.withdrawn = True

@@ -106,6 +106,7 @@ class WorkerService:
         self.clock = clock
         self.load = load
         self.report = report
+        self._old_reports: dict[bytes, bytes] = {}  # hash -> report, kept one rotation back
         if report is not None:
             profile = attrs.evolve(profile, attestation_hash=hashlib.sha256(report).digest())
         self.publisher = OfferPublisher(
@@ -130,10 +131,25 @@ class WorkerService:
         if not isinstance(req, ReportRequest):
             await stream.send(wire.ErrorFrame("bad_request", "expected ReportRequest"))
             return
-        if self.report is None or hashlib.sha256(self.report).digest() != req.report_hash:
+        report = self.report
+        if report is None or hashlib.sha256(report).digest() != req.report_hash:
+            report = self._old_reports.get(req.report_hash)
+        if report is None:
             await stream.send(wire.ErrorFrame("not_found", "no report with that hash"))
             return
-        await stream.send(ReportResponse(self.report))
+        await stream.send(ReportResponse(report))
+
+    def set_report(self, report: bytes) -> None:
+        """Serve a new attestation report (rotated keys) and re-publish the offer naming it at once.
+
+        The previous report is still served, so clients holding an offer that names it can finish.
+        """
+        if self.report is not None:
+            self._old_reports = {hashlib.sha256(self.report).digest(): self.report}
+        self.report = report
+        profile = attrs.evolve(self.publisher.profile, attestation_hash=hashlib.sha256(report).digest())
+        self.publisher.update_profile(profile)
+        self._wake.set()
 
     async def publish_now(self) -> bool:
         """Publish a fresh offer if one is due (refresh, price move); returns whether it did."""

@@ -26,6 +26,7 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Protocol
 
 import attrs
@@ -40,12 +41,15 @@ __all__ = [
     "ApiError",
     "ApiSettings",
     "CompletionBackend",
+    "Event",
+    "EventSender",
     "CompletionRequest",
     "Completed",
     "ModelCard",
     "OpenAIApp",
     "TextDelta",
     "WorkerUse",
+    "completion_events",
     "parse_request",
 ]
 
@@ -93,7 +97,11 @@ class ModelCard:
     id: str
     owned_by: str = "cocoon"
     workers: int = 0  # live offers
-    min_price_completion: int = 0  # nanoTON per completion token, cheapest offer
+    min_price_completion: int = 0  # nanoTON per completion token: p10 of live offers
+    median_price_completion: int = 0
+    p90_price_completion: int = 0
+    capacity: int = 0  # concurrent requests offered in all
+    fills: int = 0  # matches served recently
 
 
 @attrs.frozen
@@ -138,12 +146,58 @@ class Completed:
     ttft_s: float = 0.0
 
 
+Event = TextDelta | Completed
+EventSender = trio.MemorySendChannel[Event]
+
+
 class CompletionBackend(Protocol):
-    """What the API asks: the models on offer, and a stream of deltas ending with Completed."""
+    """What the API asks: the models on offer, and a completion's events.
+
+    ``complete`` sends TextDeltas and then one Completed into ``events``, or
+    raises a NodeError.  The API runs it in a task of its own and reads the
+    channel, so no nursery or cancel scope ever spans a generator's yield.
+    """
 
     def models(self) -> list[ModelCard]: ...
 
-    def complete(self, request: CompletionRequest) -> AsyncIterator[TextDelta | Completed]: ...
+    async def complete(self, request: CompletionRequest, events: EventSender) -> None: ...
+
+
+@asynccontextmanager
+async def completion_events(
+    backend: CompletionBackend, request: CompletionRequest
+) -> AsyncIterator[AsyncIterator[Event]]:
+    """Run ``backend.complete`` in a task; yield an iterator of its events that re-raises its error."""
+    send, recv = trio.open_memory_channel[Event](64)
+    failure: list[NodeError] = []
+
+    async def produce() -> None:
+        async with send:
+            try:
+                await backend.complete(request, send)
+            except NodeError as e:
+                failure.append(e)
+
+    async def consume() -> AsyncIterator[Event]:
+        async with recv:
+            async for ev in recv:
+                yield ev
+
+    body_error: BaseException | None = None
+    events = consume()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(produce)
+        try:
+            yield events
+        except BaseException as e:  # re-raised below, outside the nursery (no ExceptionGroup)
+            body_error = e
+        finally:
+            await events.aclose()  # type: ignore[attr-defined]
+            nursery.cancel_scope.cancel()
+    if body_error is not None:
+        raise body_error
+    if failure:
+        raise failure[0]
 
 
 # --------------------------------------------------------------------------- request parsing
@@ -388,7 +442,14 @@ class OpenAIApp:
                     "object": "model",
                     "created": 0,
                     "owned_by": m.owned_by,
-                    "cocoon": {"workers": m.workers, "min_price_completion": m.min_price_completion},
+                    "cocoon": {
+                        "workers": m.workers,
+                        "capacity": m.capacity,
+                        "min_price_completion": m.min_price_completion,
+                        "median_price_completion": m.median_price_completion,
+                        "p90_price_completion": m.p90_price_completion,
+                        "fills": m.fills,
+                    },
                 }
                 for m in self.backend.models()
             ]
@@ -463,11 +524,12 @@ class OpenAIApp:
             text: list[str] = []
             done: Completed | None = None
             try:
-                async for ev in self.backend.complete(req):
-                    if isinstance(ev, TextDelta):
-                        text.append(ev.text)
-                    else:
-                        done = ev
+                async with completion_events(self.backend, req) as events:
+                    async for ev in events:
+                        if isinstance(ev, TextDelta):
+                            text.append(ev.text)
+                        else:
+                            done = ev
             except NodeError as e:
                 err = map_error(e)
                 self.metrics.errors.inc()
@@ -559,32 +621,33 @@ class OpenAIApp:
             nursery.start_soon(watch_disconnect)
             try:
                 first = True
-                async for ev in self.backend.complete(req):
-                    if isinstance(ev, TextDelta):
-                        if chat:
-                            delta: dict[str, object] | str = {"content": ev.text}
-                            if first:
-                                delta = {"role": "assistant", "content": ev.text}
-                        else:
-                            delta = ev.text
-                        first = False
-                        await event(chunk(delta, None))
-                        continue
-                    self.metrics.completed(ev)
-                    last = chunk({} if chat else "", _finish(ev.finish_reason))
-                    last["usage"] = _usage(ev)
-                    last["cocoon"] = _cocoon(ev)
-                    await event(last)
-                    if req.include_usage:
-                        usage_only = {
-                            "id": rid,
-                            "object": obj,
-                            "created": created,
-                            "model": req.model,
-                            "choices": [],
-                        }
-                        usage_only["usage"] = _usage(ev)
-                        await event(usage_only)
+                async with completion_events(self.backend, req) as events:
+                    async for ev in events:
+                        if isinstance(ev, TextDelta):
+                            if chat:
+                                delta: dict[str, object] | str = {"content": ev.text}
+                                if first:
+                                    delta = {"role": "assistant", "content": ev.text}
+                            else:
+                                delta = ev.text
+                            first = False
+                            await event(chunk(delta, None))
+                            continue
+                        self.metrics.completed(ev)
+                        last = chunk({} if chat else "", _finish(ev.finish_reason))
+                        last["usage"] = _usage(ev)
+                        last["cocoon"] = _cocoon(ev)
+                        await event(last)
+                        if req.include_usage:
+                            usage_only = {
+                                "id": rid,
+                                "object": obj,
+                                "created": created,
+                                "model": req.model,
+                                "choices": [],
+                            }
+                            usage_only["usage"] = _usage(ev)
+                            await event(usage_only)
             except NodeError as e:
                 err = map_error(e)
                 self.metrics.errors.inc()

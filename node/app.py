@@ -15,6 +15,7 @@ from typing import Protocol
 
 import trio
 
+from overlay.errors import ConfigError
 from overlay.host import Overlay, OverlaySettings, open_overlay
 from overlay.identity import Identity
 
@@ -93,7 +94,7 @@ class NodeApp:
             try:
                 async with trio.open_nursery() as nursery:
                     if self.cfg.node.control:
-                        await nursery.start(serve_control, self.cfg.data_dir, self.status)
+                        await nursery.start(serve_control, self.cfg.data_dir, self.status, self.action)
                     for c in self.components:
                         await nursery.start(c.run, self)
                     log.info(
@@ -107,6 +108,16 @@ class NodeApp:
                     await trio.sleep_forever()
             finally:
                 self._overlay = None
+
+    async def action(self, name: str) -> str:
+        """A control action (``cocoon-node`` or the devnet asks): handled by the first component that can."""
+        for c in self.components:
+            handler = getattr(c, "action", None)
+            if handler is not None:
+                result = await handler(name)
+                if result is not None:
+                    return str(result)
+        raise ConfigError(f"this node has no action {name!r}")
 
     def status(self) -> StatusReply:
         ov = self.overlay

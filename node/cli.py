@@ -3,8 +3,13 @@
 Subcommands::
 
     init        create the data dir and the node identity (idempotent)
-    bootstrap   run a bootstrap node: a DHT server at a stable address
-    join        join a network and stay in it (later: --worker, --proxy-candidate)
+    localchain  run the local TON chain (the devnet's chain) on loopback
+    bootstrap   run a bootstrap node: a DHT server at a stable address, the fallback proxy
+    join        join a network: --worker, --proxy-candidate, --client (any mix)
+    client      join as a client: the OpenAI-compatible API on 127.0.0.1
+    ask         ask the running client node a question; stream the answer
+    offers      the market for each model, as the running client node sees it
+    devnet      a whole local network on loopback (see node/devnet.py)
     peers       list the peers of the node running on this data dir
     status      show the status of the node running on this data dir
 
@@ -27,9 +32,9 @@ import trio
 from overlay.errors import ConfigError, NodeError
 from overlay.identity import Identity, load_or_create_identity
 
-from .app import NodeApp
 from .config import NodeConfig, load_config, parse_override
 from .control import ask_status
+from .launch import NodeRoles, build_node
 from .logs import setup_logging
 from .networks import Network, devnet_bootstrap_identity, load_networks
 
@@ -74,13 +79,52 @@ def build_parser() -> argparse.ArgumentParser:
         help="use the devnet's public bootstrap key (loopback devnets only)",
     )
 
-    p = sub.add_parser("join", help="join a network and stay in it")
+    p.add_argument("--no-proxy", action="store_true", help="do not act as the network's fallback proxy")
+
+    p = sub.add_parser("localchain", help="run the local TON chain on loopback (devnet)")
     _common(p)
-    p.add_argument(
-        "--bootstrap", action="append", default=[], metavar="MULTIADDR", help="extra bootstrap peer"
-    )
-    p.add_argument("--port", type=int, default=None, help="TCP port to listen on (default: any)")
-    p.add_argument("--dht-client", action="store_true", help="DHT client mode (behind NAT)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=4790, help="TCP port (default 4790)")
+
+    for name, help_ in (
+        ("join", "join a network and stay in it"),
+        ("client", "run a client: the API on loopback"),
+    ):
+        p = sub.add_parser(name, help=help_)
+        _common(p)
+        p.add_argument(
+            "--bootstrap", action="append", default=[], metavar="MULTIADDR", help="extra bootstrap peer"
+        )
+        p.add_argument("--port", type=int, default=None, help="TCP port to listen on (default: any)")
+        p.add_argument("--dht-client", action="store_true", help="DHT client mode (behind NAT)")
+        if name == "join":
+            p.add_argument("--worker", action="store_true", help="sell inference from a local model")
+            p.add_argument("--proxy-candidate", action="store_true", help="stand for election as a proxy")
+            p.add_argument("--client", action="store_true", help="serve the OpenAI-compatible API")
+            p.add_argument("--model", help="worker model: default, a GGUF file or a model directory")
+            p.add_argument("--engine", choices=("auto", "cpu", "exllamav2"), help="worker engine")
+        p.add_argument("--api-port", type=int, help="client API port (default 8080)")
+        p.add_argument("--require-tee", action="store_true", help="only use workers in a TEE (tier tdx)")
+
+    p = sub.add_parser("ask", help="ask the running client node; stream the answer")
+    _common(p)
+    p.add_argument("question", help="what to ask")
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--max-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--api", help="API base URL (default: the running client node's)")
+
+    p = sub.add_parser("offers", help="the market per model, as the running client node sees it")
+    _common(p)
+    p.add_argument("--api", help="API base URL (default: the running client node's)")
+
+    p = sub.add_parser("devnet", help="run a whole local network on loopback")
+    _common(p)
+    p.add_argument("--dir", type=Path, help="where the devnet's nodes keep their data (default: a temp dir)")
+    p.add_argument("--workers", type=int, default=2, help="workers serving SmolLM2-135M (default 2)")
+    p.add_argument("--proxies", type=int, default=3, help="proxy candidates (default 3)")
+    p.add_argument("--api-port", type=int, default=8080, help="the client API port (default 8080)")
+    p.add_argument("--demo", action="store_true", help="ask one question end to end, settle, and stop")
 
     p = sub.add_parser("peers", help="list the peers of the running node")
     _common(p)
@@ -108,6 +152,14 @@ def _overrides(args: argparse.Namespace) -> dict[str, dict[str, object]]:
         out.setdefault("overlay", {})["listen_host"] = host
     if getattr(args, "dht_client", False):
         out.setdefault("overlay", {})["dht_mode"] = "client"
+    if getattr(args, "model", None) and args.command == "join":
+        out.setdefault("worker", {})["model"] = args.model
+    if getattr(args, "engine", None):
+        out.setdefault("worker", {})["engine"] = args.engine
+    if getattr(args, "api_port", None) is not None and args.command in ("join", "client"):
+        out.setdefault("client", {})["api_port"] = args.api_port
+    if getattr(args, "require_tee", False):
+        out.setdefault("client", {})["min_tier"] = "tdx"
     return out
 
 
@@ -153,7 +205,23 @@ def _node_identity(args: argparse.Namespace, cfg: NodeConfig, net: Network) -> I
     return load_or_create_identity(cfg.data_dir)[0]
 
 
-def _cmd_run(args: argparse.Namespace, roles: tuple[str, ...]) -> int:
+def _roles(args: argparse.Namespace) -> tuple[str, ...]:
+    if args.command == "bootstrap":
+        return ("bootstrap",) if not args.no_proxy else ()
+    if args.command == "client":
+        return ("client",)
+    roles = []
+    if args.proxy_candidate:
+        roles.append("proxy")
+    if args.worker:
+        roles.append("worker")
+    if args.client:
+        roles.append("client")
+    return tuple(roles)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    roles = _roles(args)
     cfg, net = _load(args)
     if args.command == "bootstrap" and args.port is None:
         from attrs import evolve
@@ -166,14 +234,32 @@ def _cmd_run(args: argparse.Namespace, roles: tuple[str, ...]) -> int:
     override = None
     if extra:
         override = tuple(dict.fromkeys(net.bootstrap + cfg.overlay.bootstrap + extra))
-    app = NodeApp(cfg, ident, net, roles=roles, bootstrap_override=override)
+    app = build_node(cfg, ident, net, NodeRoles(roles, bootstrap_override=override))
 
     async def run() -> None:
         async with trio.open_nursery() as n:
             await n.start(app.run)
-            print(f"{roles[0] if roles else 'node'} {ident.peer_id} is up on {cfg.node.network}")
+            what = "+".join(roles) if roles else ("bootstrap" if args.command == "bootstrap" else "node")
+            print(f"{what} {ident.peer_id} is up on {cfg.node.network}")
             for a in app.overlay.listen_addrs():
                 print(f"  {a}")
+            print("Ctrl-C stops it.", flush=True)
+
+    trio.run(_run_until_signal, run)
+    return 0
+
+
+def _cmd_localchain(args: argparse.Namespace) -> int:
+    from ton.rpc import serve_localchain
+
+    cfg, _ = _load(args)
+    cfg.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    setup_logging(cfg.node.log_level, "localchain")
+
+    async def run() -> None:
+        async with trio.open_nursery() as n:
+            host, port = await n.start(serve_localchain, cfg.data_dir, args.host, args.port)
+            print(f"local chain serving on {host}:{port} (state in {cfg.data_dir})")
             print("Ctrl-C stops it.", flush=True)
 
     trio.run(_run_until_signal, run)
@@ -223,10 +309,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "init":
             return _cmd_init(args)
-        if args.command == "bootstrap":
-            return _cmd_run(args, ("bootstrap",))
-        if args.command == "join":
-            return _cmd_run(args, ())
+        if args.command in ("bootstrap", "join", "client"):
+            return _cmd_run(args)
+        if args.command == "localchain":
+            return _cmd_localchain(args)
+        if args.command == "ask":
+            from .ask import cmd_ask
+
+            return cmd_ask(args, _load(args)[0])
+        if args.command == "offers":
+            from .ask import cmd_offers
+
+            return cmd_offers(args, _load(args)[0])
+        if args.command == "devnet":
+            from .devnet import cmd_devnet
+
+            return cmd_devnet(args)
         if args.command == "peers":
             return _cmd_peers(args)
         if args.command == "status":
@@ -234,7 +332,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NodeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except BaseExceptionGroup as eg:  # errors from a node's tasks arrive grouped by trio
+        err = first_node_error(eg)
+        if err is None:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     raise AssertionError(f"unhandled command {args.command}")
+
+
+def first_node_error(exc: BaseException) -> NodeError | None:
+    """The first NodeError inside (nested) exception groups, or None."""
+    if isinstance(exc, NodeError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for sub in exc.exceptions:
+            found = first_node_error(sub)
+            if found is not None:
+                return found
+    return None
 
 
 if __name__ == "__main__":

@@ -46,6 +46,8 @@ class NodeSection:
     network: str = "devnet"  # a network of bootstrap.toml
     log_level: str = "info"  # debug | info | warning | error
     control: bool = True  # serve status/peers on <data dir>/control.sock
+    operator: str = ""  # who runs this node (proxy candidates: at most 2 elected per operator)
+    proxy_fee_ppm: int = 20_000  # a proxy's fee on forwarded payments, parts per million (2 %)
 
 
 @attrs.frozen
@@ -61,12 +63,12 @@ class OverlaySection:
 
 @attrs.frozen
 class WorkerSection:
-    model: str = "smollm2-135m"  # a model name, a GGUF file or a Hugging Face directory
+    model: str = "default"  # "default" (SmolLM2-135M-Instruct), a GGUF file or a Hugging Face directory
     engine: str = "auto"  # auto | cpu | exllamav2
     max_batch: int = 8  # concurrent requests decoded together
     max_context: int = 2048  # tokens, prompt + completion
-    price_prompt: int = 20  # nanoTON per prompt token (floor)
-    price_completion: int = 100  # nanoTON per completion token (floor)
+    price_prompt: int = 250  # nanoTON per prompt token at zero load (the floor)
+    price_completion: int = 1000  # nanoTON per completion token at zero load (1 TON per 1M tokens)
     threads: int = 1  # torch threads for the CPU engine
 
 
@@ -75,9 +77,10 @@ class ClientSection:
     api_host: str = "127.0.0.1"  # the OpenAI-compatible API listens here (loopback only by default)
     api_port: int = 8080  # TCP port of the API
     api_key: str = ""  # when set, requests must carry "Authorization: Bearer <key>"
-    max_price_completion: int = 1000  # nanoTON per completion token, at most
-    max_price_prompt: int = 500  # nanoTON per prompt token, at most
+    max_price_completion: int = 2000  # nanoTON per completion token, at most (before the proxy fee)
+    max_price_prompt: int = 500  # nanoTON per prompt token, at most (before the proxy fee)
     min_tier: str = "none"  # none | tdx: the least confidential worker we accept
+    models: tuple[str, ...] = ("smollm2-135m-instruct",)  # models /v1/models lists
 
 
 @attrs.frozen

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import attrs
@@ -20,7 +20,16 @@ from overlay import wire
 from overlay.errors import DialError, NodeError
 from overlay.streams import FramedStream
 
-__all__ = ["CONTROL_SOCKET", "StatusReply", "StatusRequest", "ask_status", "serve_control"]
+__all__ = [
+    "CONTROL_SOCKET",
+    "ActionReply",
+    "ActionRequest",
+    "StatusReply",
+    "StatusRequest",
+    "ask_action",
+    "ask_status",
+    "serve_control",
+]
 
 log = logging.getLogger(__name__)
 CONTROL_SOCKET = "control.sock"
@@ -30,6 +39,21 @@ CONTROL_SOCKET = "control.sock"
 @attrs.frozen
 class StatusRequest:
     verbose: bool = False
+
+
+@wire.message(502)
+@attrs.frozen
+class ActionRequest:
+    """Ask the running node to do something: ``settle`` closes every payment channel cooperatively."""
+
+    action: str = attrs.field(metadata=wire.limits(max_len=32))
+
+
+@wire.message(503)
+@attrs.frozen
+class ActionReply:
+    ok: bool
+    message: str = attrs.field(metadata=wire.limits(max_len=64 * 1024))
 
 
 @wire.message(501)
@@ -69,9 +93,13 @@ class _SocketStream:
         await self._s.aclose()
 
 
+Action = Callable[[str], Awaitable[str]]
+
+
 async def serve_control(
     data_dir: Path,
     status: Callable[[], StatusReply],
+    action: Action | None = None,
     *,
     task_status: trio.TaskStatus[Path] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -97,8 +125,17 @@ async def serve_control(
         fs = FramedStream(_SocketStream(s), max_frame=1 << 20, peer_id="control")
         try:
             with trio.fail_after(5):
-                await fs.receive_as(StatusRequest)
+                req = await fs.receive()
+            if isinstance(req, StatusRequest):
                 await fs.send(status())
+            elif isinstance(req, ActionRequest) and action is not None:
+                with trio.fail_after(300):
+                    try:
+                        await fs.send(ActionReply(True, await action(req.action)))
+                    except NodeError as e:
+                        await fs.send(ActionReply(False, str(e)))
+            else:
+                await fs.send(wire.ErrorFrame("bad_request", "expected StatusRequest or ActionRequest"))
         except (NodeError, trio.TooSlowError) as e:
             log.debug("control request failed: %s", e)
         finally:
@@ -120,6 +157,27 @@ async def _alive(path: Path) -> bool:
             return True
     except (OSError, trio.TooSlowError):
         return False
+
+
+async def ask_action(data_dir: Path, action: str, timeout: float = 300.0) -> ActionReply:
+    """Ask the node running on ``data_dir`` to perform ``action``."""
+    fs = await _connect(data_dir, timeout)
+    try:
+        return await fs.request(ActionRequest(action), ActionReply, timeout)
+    finally:
+        await fs.aclose()
+
+
+async def _connect(data_dir: Path, timeout: float) -> FramedStream:
+    path = data_dir / CONTROL_SOCKET
+    try:
+        with trio.fail_after(min(timeout, 5.0)):
+            s = await trio.open_unix_socket(str(path))
+    except (OSError, trio.TooSlowError) as e:
+        raise DialError(
+            f"no node is running on {data_dir} (no answer on {path}); start one with `cocoon-node join`"
+        ) from e
+    return FramedStream(_SocketStream(s), max_frame=1 << 20, peer_id="control")
 
 
 async def ask_status(data_dir: Path, timeout: float = 5.0) -> StatusReply:

@@ -7,12 +7,11 @@ baseline of ``bench/e2e.py``.  The network client backend has the same shape.
 from __future__ import annotations
 
 import secrets
-from collections.abc import AsyncIterator
 
 from inference.engine import Engine, ModelInfo, UnknownModel
 from inference.messages import FinalChunk, GenerateRequest, TokenChunk
 
-from .api import Completed, CompletionRequest, ModelCard, TextDelta, WorkerUse
+from .api import Completed, CompletionRequest, EventSender, ModelCard, TextDelta, WorkerUse
 
 __all__ = ["EngineBackend", "to_generate_request"]
 
@@ -53,7 +52,7 @@ class EngineBackend:
     def models(self) -> list[ModelCard]:
         return [ModelCard(id=self.info.model_id, workers=1, min_price_completion=self.price_completion)]
 
-    async def complete(self, request: CompletionRequest) -> AsyncIterator[TextDelta | Completed]:
+    async def complete(self, request: CompletionRequest, events: EventSender) -> None:
         if request.model != self.info.model_id:
             raise UnknownModel(f"model {request.model!r} is not served here (try {self.info.model_id!r})")
         gen = self.engine.generate_stream(to_generate_request(request))
@@ -61,21 +60,23 @@ class EngineBackend:
             async for chunk in gen:
                 if isinstance(chunk, TokenChunk):
                     if chunk.text or chunk.token_ids:
-                        yield TextDelta(chunk.text, len(chunk.token_ids))
+                        await events.send(TextDelta(chunk.text, len(chunk.token_ids)))
                 elif isinstance(chunk, FinalChunk):
                     if chunk.text or chunk.token_ids:
-                        yield TextDelta(chunk.text, len(chunk.token_ids))
+                        await events.send(TextDelta(chunk.text, len(chunk.token_ids)))
                     cost = (
                         chunk.prompt_tokens * self.price_prompt
                         + chunk.completion_tokens * self.price_completion
                     )
-                    yield Completed(
-                        finish_reason=chunk.finish_reason,
-                        prompt_tokens=chunk.prompt_tokens,
-                        completion_tokens=chunk.completion_tokens,
-                        cost_nanoton=cost,
-                        workers=(WorkerUse(self.name, "local", chunk.completion_tokens, cost),),
-                        ttft_s=chunk.ttft_s,
+                    await events.send(
+                        Completed(
+                            finish_reason=chunk.finish_reason,
+                            prompt_tokens=chunk.prompt_tokens,
+                            completion_tokens=chunk.completion_tokens,
+                            cost_nanoton=cost,
+                            workers=(WorkerUse(self.name, "local", chunk.completion_tokens, cost),),
+                            ttft_s=chunk.ttft_s,
+                        )
                     )
         finally:
             await gen.aclose()

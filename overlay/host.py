@@ -488,6 +488,10 @@ async def open_overlay(identity: Identity, settings: OverlaySettings | None = No
     async with AsyncExitStack() as stack:
         await stack.enter_async_context(ov._host.run([listen]))
         ov._nursery = await stack.enter_async_context(trio.open_nursery())
+        # Cancel our own tasks only after the services below have stopped: cancelling first
+        # would make their shutdown raise Cancelled, which replaces (and so hides) any error
+        # leaving the body.
+        stack.callback(ov._nursery.cancel_scope.cancel)
         ov._dht = DhtFacade(ov._host, server=settings.dht_mode != "client", peer_id=ov.peer_id)
         await stack.enter_async_context(background_trio_service(ov._dht.kad))
         if settings.gossip:
@@ -508,7 +512,6 @@ async def open_overlay(identity: Identity, settings: OverlaySettings | None = No
             with trio.fail_after(10):
                 await pubsub.wait_until_ready()
         stack.push_async_callback(ov._shutdown)
-        stack.callback(ov._nursery.cancel_scope.cancel)
         log.info(
             "overlay up at %s (dht %s)",
             ", ".join(ov.listen_addrs()),

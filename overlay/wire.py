@@ -59,6 +59,7 @@ __all__ = [
     "decode_as",
     "encode",
     "field",
+    "limits",
     "message",
     "registered",
 ]
@@ -96,6 +97,19 @@ def field(
     if max_items is not None:
         meta["max_items"] = max_items
     return attrs.field(default=default, metadata={"wire": meta})
+
+
+def limits(*, max_len: int | None = None, max_items: int | None = None) -> dict[str, dict[str, int]]:
+    """Wire limits as attrs metadata: ``x: str = attrs.field(metadata=wire.limits(max_len=64))``.
+
+    Unlike :func:`field`, this keeps mypy's attrs plugin exact about which fields have defaults.
+    """
+    meta: dict[str, int] = {}
+    if max_len is not None:
+        meta["max_len"] = max_len
+    if max_items is not None:
+        meta["max_items"] = max_items
+    return {"wire": meta}
 
 
 _BY_TAG: dict[int, type] = {}

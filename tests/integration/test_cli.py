@@ -102,7 +102,7 @@ def test_bad_input_gives_one_line_errors(tmp_path: Path) -> None:
 
 
 async def test_bootstrap_join_peers_status_and_clean_stop(tmp_path: Path) -> None:
-    boot = await _start(tmp_path / "boot", "bootstrap", "--port", "0")
+    boot = await _start(tmp_path / "boot", "bootstrap", "--port", "0", "--no-proxy")
     with trio.fail_after(60):
         lines = await boot.wait_up()
     boot_addr = next(line.strip() for line in lines if "/p2p/" in line)

@@ -232,3 +232,11 @@ async def test_open_stream_to_unknown_peer_is_dial_error() -> None:
             await node.open_stream("garbage-id", ECHO)
         with pytest.raises(OverlayError):
             await node.dht.get("/nosuch/x")
+
+
+async def test_errors_inside_an_overlay_propagate() -> None:
+    """An error in the body leaves open_overlay (it is never swallowed during shutdown)."""
+    with pytest.raises(BaseExceptionGroup) as ei:  # noqa: PT012
+        async with open_overlay(Identity.generate()):
+            raise RecordRejected("boom")
+    assert ei.group_contains(RecordRejected)

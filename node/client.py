@@ -1,0 +1,407 @@
+"""The client role: the OpenAI-compatible API backed by the network.
+
+For each completion (:meth:`NetworkBackend.complete`)::
+
+    match (proxy, rendezvous order) -> offers, best first
+    for an offer: fetch the worker's attestation report, verify it ourselves,
+        seal the request to its attested key, read its prompt-token quote,
+        open a payment session (through the proxy, which keeps its fee),
+        stream tokens, paying for each one received
+    worker dies mid-stream -> the next offer, replaying the prompt and the
+        tokens received so far; each worker is paid only for what it delivered
+
+The API stream never breaks on a failover: the deltas simply continue.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+
+import attrs
+import trio
+
+from inference.messages import FinalChunk, GenerateRequest
+from inference.service import ChunkValidator
+from market.client import MarketClient, NoMatch
+from market.directory import Directory, ProxyRef
+from market.protocols import REPORT_PROTOCOL, request
+from market.records import ReportRequest, ReportResponse, SignedOffer, UsageReport
+from node.tee import ClientPolicy, NoneVerifier, ReportChecker, SealedStream, Verifier
+from overlay import wire
+from overlay.errors import (
+    AttestationError,
+    BadRequest,
+    MarketError,
+    NodeError,
+    RemoteError,
+    RemoteProtocolError,
+    SealError,
+    TransportError,
+)
+from overlay.host import Overlay
+from overlay.streams import expect
+from ton.manager import PaymentManager
+from ton.metering import Prices
+
+from .api import (
+    ApiSettings,
+    Completed,
+    CompletionRequest,
+    EventSender,
+    ModelCard,
+    OpenAIApp,
+    TextDelta,
+    WorkerUse,
+    serve_api,
+)
+from .metrics import Metrics
+from .network import EpochSeeds, NetworkTimings, make_directory
+from .protocol import GENERATE_SEALED, PromptQuote, prompt_token_bound
+from .proxy import client_prices
+from .roles import NetworkContext
+
+__all__ = ["API_ADDR_FILE", "ClientRole", "ClientSettings", "NetworkBackend"]
+
+API_ADDR_FILE = "api.url"  # in the data dir: where `cocoon-node ask` finds the running client's API
+
+log = logging.getLogger(__name__)
+
+# Errors a worker (not the request) is to blame for: try the next worker.
+_WORKER_FAULTS = (TransportError, SealError, AttestationError, RemoteProtocolError)
+# Error frames that mean the request itself is bad: no other worker will do better.
+_REQUEST_ERRORS = {"context_length_exceeded", "max_tokens_too_large", "invalid_sampling", "bad_request"}
+
+
+@attrs.frozen
+class ClientSettings:
+    models: tuple[str, ...] = ("smollm2-135m-instruct",)  # what /v1/models lists
+    max_price_prompt: int = 500  # nanoTON per prompt token (before the proxy fee)
+    max_price_completion: int = 2000  # nanoTON per completion token (before the proxy fee)
+    min_tier: str = "none"
+    fee_ppm: int = 20_000  # the proxies' fee, parts per million
+    max_attempts: int = 4  # workers tried for one completion
+    first_token_timeout: float = 60.0  # s to wait for a worker's first token
+    token_timeout: float = 20.0  # s between tokens before the worker counts as dead
+
+
+@attrs.define
+class _Progress:
+    """What a completion has received so far, across workers."""
+
+    text: list[str] = attrs.field(factory=list)
+    token_ids: list[int] = attrs.field(factory=list)
+    workers: list[WorkerUse] = attrs.field(factory=list)
+    prompt_tokens: int = 0  # of the first worker (the user's prompt)
+    cost: int = 0
+    ttft: float = 0.0
+
+
+class NetworkBackend:
+    """The client node's CompletionBackend (see the module docstring)."""
+
+    def __init__(
+        self,
+        overlay: Overlay,
+        directory: Directory,
+        payments: PaymentManager,
+        seeds: EpochSeeds,
+        timings: NetworkTimings,
+        settings: ClientSettings,
+    ) -> None:
+        self.overlay = overlay
+        self.directory = directory
+        self.market = MarketClient(overlay, directory, settings=timings.market)
+        self.payments = payments
+        self.seeds = seeds
+        self.timings = timings
+        self.settings = settings
+        self.checker = ReportChecker(Verifier(none=NoneVerifier()), ClientPolicy(min_tier=settings.min_tier))
+        self._cards: dict[str, ModelCard] = {m: ModelCard(id=m) for m in settings.models}
+        self.counters = dict.fromkeys(("completions", "failovers", "failed", "tokens", "spent"), 0)
+
+    # ------------------------------------------------------------------ models
+
+    def models(self) -> list[ModelCard]:
+        return list(self._cards.values())
+
+    async def refresh_models(self) -> None:
+        for m in list(self._cards):
+            try:
+                st = await self.market.stats(m)
+            except NodeError as e:
+                log.debug("no statistics for %s: %s", m, e)
+                continue
+            b = st.body
+            self._cards[m] = ModelCard(
+                id=m,
+                workers=b.live_offers,
+                min_price_completion=b.completion_p10,
+                median_price_completion=b.completion_median,
+                p90_price_completion=b.completion_p90,
+                capacity=b.capacity,
+                fills=b.fills,
+            )
+
+    async def run_model_refresh(self) -> None:
+        while True:
+            await self.refresh_models()
+            await trio.sleep(self.timings.market.stats_every)
+
+    # ------------------------------------------------------------------ completions
+
+    async def complete(self, req: CompletionRequest, events: EventSender) -> None:
+        progress = _Progress()
+        failed: list[str] = []
+        started = time.perf_counter()
+        for _attempt in range(self.settings.max_attempts):
+            remaining = req.max_tokens - len(progress.token_ids)
+            max_pc = req.max_price_completion or self.settings.max_price_completion
+            try:
+                match = await self.market.match(
+                    req.model,
+                    max_price_prompt=self.settings.max_price_prompt,
+                    max_price_completion=max_pc,
+                    min_tier=req.min_tier or self.settings.min_tier,
+                    count=3,
+                    exclude=tuple(failed),
+                )
+            except NoMatch as e:
+                if progress.token_ids:
+                    raise MarketError(f"no other worker to finish the answer: {e}") from e
+                hint = f" (cheapest completion price seen: {e.price_hint} nanoTON)" if e.price_hint else ""
+                if "no usable offer" in str(e) or "no proxy" in str(e) or e.price_hint is not None:
+                    raise MarketError(f"no worker serves {req.model!r} within your limits{hint}: {e}") from e
+                raise
+            for rec in match.offers:
+                worker = rec.body.peer_id
+                try:
+                    await self._run_on(rec, match.proxy, req, progress, remaining, started, events)
+                    self.counters["completions"] += 1
+                    await self._report(match.proxy, worker, True, progress)
+                    return
+                except RemoteError as e:
+                    if e.code in _REQUEST_ERRORS or e.code == "unknown_model":
+                        raise BadRequest(e.message) from e
+                    log.info("worker %s refused: %s", worker, e, extra={"peer_id": worker})
+                except _WORKER_FAULTS as e:
+                    log.warning("worker %s failed: %s; trying another", worker, e, extra={"peer_id": worker})
+                    await self._report(match.proxy, worker, False, progress)
+                except NodeError as e:
+                    if isinstance(e, BadRequest):
+                        raise
+                    log.warning("session with %s failed: %s", worker, e, extra={"peer_id": worker})
+                failed.append(worker)
+                self.counters["failovers"] += 1
+                break  # ask the proxy again: its view (and ours) changed
+        self.counters["failed"] += 1
+        raise MarketError(f"no worker could complete the request after {len(failed)} attempts")
+
+    async def _report(self, proxy: str, worker: str, ok: bool, progress: _Progress) -> None:
+        mine = next((w for w in reversed(progress.workers) if w.peer_id == worker), None)
+        n = mine.completion_tokens if mine else 0
+        with trio.move_on_after(3):
+            try:
+                await self.market.report(proxy, UsageReport(worker, ok, n, n))
+            except NodeError as e:
+                log.debug("usage report to %s failed: %s", proxy, e)
+
+    async def _verified_claims(self, rec: SignedOffer) -> object:
+        o = rec.body
+        resp = await request(
+            self.overlay, o.peer_id, REPORT_PROTOCOL, ReportRequest(o.attestation_hash), ReportResponse,
+            addrs=o.addrs, timeout=self.timings.market.request_timeout,
+        )  # fmt: skip
+        now = time.time()
+        epoch = self.timings.clock().epoch_of(now)
+        verified = self.checker.check(
+            resp.report, peer_id=o.peer_id, now=now, epoch=epoch, beacons=self.seeds.beacons()
+        )
+        return verified.claims
+
+    async def _run_on(
+        self,
+        rec: SignedOffer,
+        proxy: str,
+        req: CompletionRequest,
+        progress: _Progress,
+        remaining: int,
+        started: float,
+        events: EventSender,
+    ) -> None:
+        o = rec.body
+        claims = await self._verified_claims(rec)
+        session_id = secrets.token_bytes(32)
+        continuation = tuple(progress.token_ids)
+        gen = GenerateRequest(
+            request_id=session_id.hex(),
+            model=req.model,
+            max_tokens=remaining,
+            prompt=req.prompt,
+            messages=req.messages,
+            temperature=req.temperature,
+            top_p=req.top_p,
+            seed=req.seed,
+            stop=req.stop,
+            continuation=continuation,
+        )
+        framed = await self.overlay.open_stream(o.peer_id, GENERATE_SEALED, addrs=o.addrs)
+        sealed = SealedStream.client(framed, claims)  # type: ignore[arg-type]
+        delivered = 0
+        final: FinalChunk | None = None
+        try:
+            await sealed.send(gen)
+            with trio.fail_after(self.settings.first_token_timeout):
+                quote = expect(PromptQuote, await sealed.receive())
+            bound = prompt_token_bound(req.prompt, tuple((m.role, m.content) for m in req.messages))
+            bound += len(continuation)
+            if not 0 < quote.prompt_tokens <= bound:
+                raise RemoteProtocolError(
+                    f"worker quoted {quote.prompt_tokens} prompt tokens, at most {bound} possible"
+                )
+            prices = client_prices(Prices(o.price_prompt, o.price_completion), self.settings.fee_ppm)
+            async with self.payments.pay_session(
+                proxy,
+                session_id=session_id,
+                offer_id=o.worker_key,
+                prices=prices,
+                prompt_tokens=quote.prompt_tokens,
+                max_tokens=remaining,
+                worker_key=o.worker_key,
+            ) as pay:
+                validator = ChunkValidator(gen)
+                use = WorkerUse(o.peer_id, o.tier, 0, prices.cost(quote.prompt_tokens, 0))
+                progress.workers.append(use)
+                if not progress.prompt_tokens:
+                    progress.prompt_tokens = quote.prompt_tokens
+                timeout = self.settings.first_token_timeout
+                while True:
+                    with trio.fail_after(timeout):
+                        msg = await sealed.receive()
+                    timeout = self.settings.token_timeout
+                    if msg is None:
+                        raise TransportError(f"{o.peer_id} ended the stream before the final chunk")
+                    if isinstance(msg, wire.ErrorFrame):
+                        raise RemoteError(msg.code, msg.message)
+                    chunk = validator.check(msg)
+                    ids = list(chunk.token_ids)
+                    if ids:
+                        await pay.received(ids)
+                        delivered += len(ids)
+                        progress.token_ids += ids
+                        if not progress.ttft:
+                            progress.ttft = time.perf_counter() - started
+                    use = attrs.evolve(
+                        use,
+                        completion_tokens=delivered,
+                        cost_nanoton=prices.cost(quote.prompt_tokens, delivered),
+                    )
+                    progress.workers[-1] = use
+                    if chunk.text or ids:
+                        progress.text.append(chunk.text)
+                        await events.send(TextDelta(chunk.text, len(ids)))
+                    if isinstance(chunk, FinalChunk):
+                        final = chunk
+                        break
+            self.counters["tokens"] += delivered
+            cost = sum(w.cost_nanoton for w in progress.workers)
+            self.counters["spent"] += cost
+            assert final is not None
+            await events.send(
+                Completed(
+                    finish_reason=final.finish_reason,
+                    prompt_tokens=progress.prompt_tokens,
+                    completion_tokens=len(progress.token_ids),
+                    cost_nanoton=cost,
+                    workers=tuple(progress.workers),
+                    ttft_s=progress.ttft,
+                )
+            )
+            with trio.move_on_after(2):
+                await sealed.receive()  # the worker's end of stream (and its transcript signature)
+        except trio.TooSlowError as e:
+            raise TransportError(f"{o.peer_id} stopped sending tokens") from e
+        finally:
+            if final is not None:
+                await sealed.aclose()
+            else:
+                await sealed.reset()
+
+
+class ClientRole:
+    """A component of :class:`node.app.NodeApp`: the API on loopback, backed by the network."""
+
+    name = "client"
+
+    def __init__(
+        self,
+        ctx: NetworkContext,
+        settings: ClientSettings,
+        api: ApiSettings,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 8080,
+        bootstrap_proxies: tuple[ProxyRef, ...] = (),
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.ctx = ctx
+        self.settings = settings
+        self.api = api
+        self.host = host
+        self.port = port
+        self.bootstrap_proxies = bootstrap_proxies
+        self.metrics = metrics or Metrics()
+        self.backend: NetworkBackend | None = None
+        self.bound: tuple[str, int] | None = None
+
+    @property
+    def base_url(self) -> str:
+        assert self.bound is not None, "the API is not serving yet"
+        return f"http://{self.bound[0]}:{self.bound[1]}"
+
+    async def run(
+        self, app: object, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        from .app import NodeApp
+
+        assert isinstance(app, NodeApp)
+        ov = app.overlay
+        directory = make_directory(
+            ov, app.identity, self.ctx.timings, self.ctx.seeds, self.ctx.stakes,
+            bootstrap_proxies=self.bootstrap_proxies,
+        )  # fmt: skip
+        self.backend = NetworkBackend(
+            ov, directory, self.ctx.payments, self.ctx.seeds, self.ctx.timings, self.settings
+        )
+        backend = self.backend
+        self.metrics.collector(
+            "cocoon_client_events_total",
+            "counter",
+            "client completions, failovers, failures, tokens and nanoTON spent",
+            lambda: [
+                ("cocoon_client_events_total", {"kind": k}, float(v)) for k, v in backend.counters.items()
+            ],
+        )
+        self.metrics.collector(
+            "cocoon_peers",
+            "gauge",
+            "connected overlay peers",
+            lambda: [("cocoon_peers", {}, float(len(ov.connected_peers())))],
+        )
+        app_ = OpenAIApp(self.backend, self.api, self.metrics)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(directory.run)
+            nursery.start_soon(self.backend.run_model_refresh)
+            self.bound = await nursery.start(serve_api, app_, self.host, self.port)
+            await trio.Path(app.cfg.data_dir / API_ADDR_FILE).write_text(self.base_url + "\n")
+            log.info("OpenAI-compatible API on %s/v1", self.base_url)
+            task_status.started()
+
+    def status_section(self) -> dict[str, object]:
+        b = self.backend
+        return {
+            "api": self.base_url + "/v1" if self.bound else "starting",
+            "min_tier": self.settings.min_tier,
+            **(b.counters if b else {}),
+        }
