@@ -236,7 +236,7 @@ async def test_open_stream_to_unknown_peer_is_dial_error() -> None:
 
 async def test_errors_inside_an_overlay_propagate() -> None:
     """An error in the body leaves open_overlay (it is never swallowed during shutdown)."""
-    with pytest.raises(BaseExceptionGroup) as ei:  # noqa: PT012
+    with pytest.raises(BaseExceptionGroup) as ei:
         async with open_overlay(Identity.generate()):
             raise RecordRejected("boom")
     assert ei.group_contains(RecordRejected)
