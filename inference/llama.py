@@ -42,6 +42,7 @@ from overlay.errors import ModelLoadError
 from .kernels import decode_layers, qlinear
 
 __all__ = [
+    "Fp32Linear",
     "Int8Linear",
     "LayerWeights",
     "LlamaConfig",
