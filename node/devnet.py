@@ -133,8 +133,18 @@ class Devnet:
         net = load_networks()["devnet"]
         boot_id = devnet_bootstrap_identity(net).peer_id
         self.boot_addr = f"/ip4/127.0.0.1/tcp/{boot_port}/p2p/{boot_id}"
-        chain = ["--set", f"chain.localchain={self.chain_addr}"]
-        boot = ["--bootstrap", self.boot_addr]
+        boot_file = self.root / "bootstrap.toml"
+        boot_file.write_text(
+            "# written by cocoon-node devnet: this devnet's bootstrap node\n"
+            "[networks.devnet]\n"
+            'description = "a devnet on loopback"\n'
+            f'bootstrap = ["{self.boot_addr}"]\n'
+            f'devnet_seed = "{net.devnet_seed}"\n'
+            'chain = "local"\n'
+            f'localchain = "{self.chain_addr}"\n'
+        )
+        chain = ["--set", f"chain.localchain={self.chain_addr}", "--bootstrap-file", str(boot_file)]
+        boot: list[str] = []
         print(f"starting a devnet in {self.root}", flush=True)
         await self.start("chain", ["localchain", "--port", str(chain_port)], nursery)
         await self.start(

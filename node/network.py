@@ -3,8 +3,9 @@
 - :func:`open_chain` connects the configured chain backend (the local chain over
   loopback, or TON through lite servers).
 - :class:`EpochSeeds` keeps the chain's epoch seeds the proxy election needs
-  (seed of epoch ``E`` = the chain's seed of ``E - lookback``, so every node
-  has it long before ``E`` starts) and serves them synchronously to the market core.
+  (seed of epoch ``E`` = the chain's seed of ``E - 3``: the market looks up
+  to two epochs ahead, so every node holds a seed one epoch before anyone asks
+  for it) and serves them synchronously to the market core.
 - :class:`ChainStakes` is the market's stake oracle: a wallet address is
   controlled by a key when it is that key's standard wallet (v4r2 or v5r1), and
   its stake is the balance the chain reports, snapshotted once per epoch.
@@ -118,7 +119,7 @@ def wallet_addresses(public_key: bytes) -> set[str]:
 class EpochSeeds:
     """Epoch seeds from the chain, fetched ahead and served synchronously."""
 
-    def __init__(self, chain: ChainClient, clock: EpochClock, *, lookback: int = 2) -> None:
+    def __init__(self, chain: ChainClient, clock: EpochClock, *, lookback: int = 3) -> None:
         self.chain = chain
         self.clock = clock
         self.lookback = lookback
@@ -140,7 +141,7 @@ class EpochSeeds:
 
     async def refresh(self, now: float) -> None:
         current = self.clock.epoch_of(now)
-        for epoch in range(current - 2, current + self.lookback):
+        for epoch in range(current - 2, current + self.lookback + 1):
             if epoch in self._seeds:
                 continue
             source = epoch - self.lookback
