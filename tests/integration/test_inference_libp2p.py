@@ -49,7 +49,7 @@ async def test_generation_over_libp2p(tiny_engine: TorchEngine) -> None:
 
             # a client that resets mid-generation frees its slot; the worker keeps serving
             leaving = await client.open_stream(worker.peer_id, PROTOCOL_ID)
-            async with aclosing(generate(leaving, req("leave", max_tokens=400))) as chunks:
+            async with aclosing(generate(leaving, req("leave", max_tokens=200))) as chunks:
                 async for _ in chunks:
                     break
             await tiny_engine.wait_idle()
