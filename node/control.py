@@ -17,7 +17,7 @@ import attrs
 import trio
 
 from overlay import wire
-from overlay.errors import DialError, NodeError
+from overlay.errors import ConfigError, DialError, NodeError
 from overlay.streams import FramedStream
 
 __all__ = [
@@ -105,6 +105,11 @@ async def serve_control(
 ) -> None:
     """Answer status requests on ``<data_dir>/control.sock`` until cancelled."""
     path = data_dir / CONTROL_SOCKET
+    if len(os.fsencode(path)) > 100:  # sun_path holds 108 bytes
+        raise ConfigError(
+            f"the data dir path is too long for a control socket ({path}); use a shorter --data-dir "
+            "or set node.control = false (then `status` and `peers` cannot reach this node)"
+        )
     if path.exists() or path.is_symlink():
         if await _alive(path):
             raise NodeError(

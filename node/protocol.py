@@ -28,6 +28,7 @@ __all__ = [
 ]
 
 GENERATE_SEALED = "/cocoon/generate/sealed/1"
+TEMPLATE_SLACK = 96  # tokens a chat template may add beyond the turns (a default system prompt)
 
 
 @wire.message(510)
@@ -43,8 +44,11 @@ def prompt_token_bound(prompt: str | None, messages: tuple[tuple[str, str], ...]
     """The most prompt tokens an honest worker can count for this input.
 
     A byte-level BPE never needs more than one token per UTF-8 byte; a chat
-    template adds a few special tokens and role names per turn.
+    template adds special tokens and role names per turn, and some templates
+    add a default system prompt (SmolLM2's is about 20 tokens): allowed for by
+    a fixed ``TEMPLATE_SLACK``.  A dishonest worker can overcharge by at most
+    that slack, once per request.
     """
     if prompt is not None:
         return len(prompt.encode()) + 8
-    return sum(len(c.encode()) + len(r.encode()) + 16 for r, c in messages) + 16
+    return sum(len(c.encode()) + len(r.encode()) + 16 for r, c in messages) + TEMPLATE_SLACK
