@@ -169,7 +169,7 @@ async def test_worker_killed_mid_stream_the_answer_continues_elsewhere(
         final = events[-1]
         workers = final["cocoon"]["workers"]
         assert len(killed) == 1
-        assert [w["peer_id"] for w in workers][0] == killed[0]
+        assert workers[0]["peer_id"] == killed[0]
         assert len(workers) == 2
         assert workers[1]["peer_id"] != killed[0]
         delivered = sum(ev["choices"][0].get("delta", {}).get("content") is not None for ev in events[:-1])
