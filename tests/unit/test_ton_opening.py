@@ -204,7 +204,9 @@ _OPENING_MESSAGES = [OpenChannel, OpenAccept, ChannelCheck, ChannelChecked, Chan
 @given(
     cls=st.sampled_from(_OPENING_MESSAGES),
     fields=st.lists(
-        st.one_of(st.integers(-(2**63), 2**64 - 1), st.binary(max_size=100), st.text(max_size=100), st.none()),
+        st.one_of(
+            st.integers(-(2**63), 2**64 - 1), st.binary(max_size=100), st.text(max_size=100), st.none()
+        ),
         max_size=14,
     ),
 )
