@@ -24,11 +24,11 @@ import trio
 
 from inference.messages import FinalChunk, GenerateRequest
 from inference.service import ChunkValidator
-from market.client import MarketClient, NoMatch
+from market.client import MarketClient, Match, NoMatch
 from market.directory import Directory, ProxyRef
 from market.protocols import REPORT_PROTOCOL, request
 from market.records import ReportRequest, ReportResponse, SignedOffer, UsageReport
-from node.tee import ClientPolicy, NoneVerifier, ReportChecker, SealedStream, Verifier
+from node.tee import ClientPolicy, NoneVerifier, ReportChecker, SealedStream, VerifiedReport, Verifier
 from overlay import wire
 from overlay.errors import (
     AttestationError,
@@ -74,6 +74,14 @@ _WORKER_FAULTS = (TransportError, SealError, AttestationError, RemoteProtocolErr
 _REQUEST_ERRORS = {"context_length_exceeded", "max_tokens_too_large", "invalid_sampling", "bad_request"}
 
 
+class ProxyFault(MarketError):
+    """The proxy (not the worker) failed: its payment hub could not be reached."""
+
+    def __init__(self, proxy: str, message: str) -> None:
+        super().__init__(f"{proxy[-8:]}: {message}")
+        self.proxy = proxy
+
+
 @attrs.frozen
 class ClientSettings:
     models: tuple[str, ...] = ("smollm2-135m-instruct",)  # what /v1/models lists
@@ -84,6 +92,7 @@ class ClientSettings:
     max_attempts: int = 4  # workers tried for one completion
     first_token_timeout: float = 60.0  # s to wait for a worker's first token
     token_timeout: float = 20.0  # s between tokens before the worker counts as dead
+    match_ttl: float = 3.0  # s a proxy's match is reused (kept fresh in the background)
 
 
 @attrs.define
@@ -96,6 +105,18 @@ class _Progress:
     prompt_tokens: int = 0  # of the first worker (the user's prompt)
     cost: int = 0
     ttft: float = 0.0
+    marks: list[tuple[str, float]] = attrs.field(factory=list)  # (phase, perf_counter) up to the first token
+
+    def mark(self, phase: str) -> None:
+        if not self.ttft:
+            self.marks.append((phase, time.perf_counter()))
+
+    def phases(self, started: float) -> str:
+        out, prev = [], started
+        for name, at in self.marks:
+            out.append(f"{name} {(at - prev) * 1000:.1f}")
+            prev = at
+        return ", ".join(out) + " ms"
 
 
 class NetworkBackend:
@@ -119,6 +140,10 @@ class NetworkBackend:
         self.settings = settings
         self.checker = ReportChecker(Verifier(none=NoneVerifier()), ClientPolicy(min_tier=settings.min_tier))
         self._cards: dict[str, ModelCard] = {m: ModelCard(id=m) for m in settings.models}
+        self._reports: dict[tuple[str, bytes], VerifiedReport] = {}
+        self._matches: dict[tuple[str, int, str], tuple[float, Match]] = {}
+        self._recent: dict[tuple[str, int, str], float] = {}
+        self._turn = 0
         self.counters = dict.fromkeys(("completions", "failovers", "failed", "tokens", "spent"), 0)
 
     # ------------------------------------------------------------------ models
@@ -158,15 +183,9 @@ class NetworkBackend:
         for _attempt in range(self.settings.max_attempts):
             remaining = req.max_tokens - len(progress.token_ids)
             max_pc = req.max_price_completion or self.settings.max_price_completion
+            progress.mark("start")
             try:
-                match = await self.market.match(
-                    req.model,
-                    max_price_prompt=self.settings.max_price_prompt,
-                    max_price_completion=max_pc,
-                    min_tier=req.min_tier or self.settings.min_tier,
-                    count=3,
-                    exclude=tuple(failed),
-                )
+                match = await self._match(req, max_pc, tuple(failed))
             except NoMatch as e:
                 if progress.token_ids:
                     raise MarketError(f"no other worker to finish the answer: {e}") from e
@@ -174,6 +193,7 @@ class NetworkBackend:
                 if "no usable offer" in str(e) or "no proxy" in str(e) or e.price_hint is not None:
                     raise MarketError(f"no worker serves {req.model!r} within your limits{hint}: {e}") from e
                 raise
+            progress.mark("match")
             for rec in match.offers:
                 worker = rec.body.peer_id
                 try:
@@ -181,6 +201,11 @@ class NetworkBackend:
                     self.counters["completions"] += 1
                     await self._report(match.proxy, worker, True, progress)
                     return
+                except ProxyFault as e:
+                    log.warning("proxy %s failed: %s; asking another", e.proxy, e, extra={"peer_id": e.proxy})
+                    self._matches.clear()
+                    self.counters["failovers"] += 1
+                    break  # a fresh match from the next proxy; the worker is not to blame
                 except RemoteError as e:
                     if e.code in _REQUEST_ERRORS or e.code == "unknown_model":
                         raise BadRequest(e.message) from e
@@ -193,6 +218,7 @@ class NetworkBackend:
                         raise
                     log.warning("session with %s failed: %s", worker, e, extra={"peer_id": worker})
                 failed.append(worker)
+                self._matches.clear()
                 self.counters["failovers"] += 1
                 break  # ask the proxy again: its view (and ours) changed
         self.counters["failed"] += 1
@@ -208,17 +234,74 @@ class NetworkBackend:
                 log.debug("usage report to %s failed: %s", proxy, e)
 
     async def _verified_claims(self, rec: SignedOffer) -> object:
+        """The worker's attested claims, verified by us (a verified report is reused until it expires)."""
         o = rec.body
+        now = time.time()
+        epoch = self.timings.clock().epoch_of(now)
+        key = (o.peer_id, o.attestation_hash)
+        cached = self._reports.get(key)
+        if cached is not None and cached.expires_at > now:
+            self.checker.policy.admit(cached, epoch=epoch, beacons=self.seeds.beacons())
+            return cached.claims
         resp = await request(
             self.overlay, o.peer_id, REPORT_PROTOCOL, ReportRequest(o.attestation_hash), ReportResponse,
             addrs=o.addrs, timeout=self.timings.market.request_timeout,
         )  # fmt: skip
-        now = time.time()
-        epoch = self.timings.clock().epoch_of(now)
         verified = self.checker.check(
             resp.report, peer_id=o.peer_id, now=now, epoch=epoch, beacons=self.seeds.beacons()
         )
+        if len(self._reports) > 1024:
+            self._reports.clear()
+        self._reports[key] = verified
         return verified.claims
+
+    async def _match(self, req: CompletionRequest, max_pc: int, exclude: tuple[str, ...]) -> Match:
+        """Offers for ``req``: a match at most ``match_ttl`` old (refreshed in the background), else live."""
+        key = (req.model, max_pc, req.min_tier or self.settings.min_tier)
+        self._recent[key] = time.monotonic()
+        if not exclude:
+            hit = self._matches.get(key)
+            if hit is not None and time.monotonic() - hit[0] < self.settings.match_ttl:
+                # Spread concurrent requests over the matched workers (the proxy ranked them at once).
+                self._turn += 1
+                offers = hit[1].offers
+                k = self._turn % len(offers)
+                return attrs.evolve(hit[1], offers=offers[k:] + offers[:k])
+        match = await self.market.match(
+            req.model,
+            max_price_prompt=self.settings.max_price_prompt,
+            max_price_completion=max_pc,
+            min_tier=key[2],
+            count=3,
+            exclude=exclude,
+        )
+        if not exclude:
+            self._matches[key] = (time.monotonic(), match)
+        return match
+
+    async def run_match_refresh(self) -> None:
+        """Keep the matches of recently used models fresh, so a request rarely waits for a proxy."""
+        while True:
+            await trio.sleep(self.settings.match_ttl / 2)
+            now = time.monotonic()
+            for key, used in list(self._recent.items()):
+                if now - used > 60:
+                    del self._recent[key]
+                    self._matches.pop(key, None)
+                    continue
+                try:
+                    match = await self.market.match(
+                        key[0],
+                        max_price_prompt=self.settings.max_price_prompt,
+                        max_price_completion=key[1],
+                        min_tier=key[2],
+                        count=3,
+                    )
+                except NodeError as e:
+                    log.debug("background match for %s failed: %s", key[0], e)
+                    self._matches.pop(key, None)
+                    continue
+                self._matches[key] = (time.monotonic(), match)
 
     async def _run_on(
         self,
@@ -232,6 +315,7 @@ class NetworkBackend:
     ) -> None:
         o = rec.body
         claims = await self._verified_claims(rec)
+        progress.mark("attestation")
         session_id = secrets.token_bytes(32)
         continuation = tuple(progress.token_ids)
         gen = GenerateRequest(
@@ -248,12 +332,14 @@ class NetworkBackend:
         )
         framed = await self.overlay.open_stream(o.peer_id, GENERATE_SEALED, addrs=o.addrs)
         sealed = SealedStream.client(framed, claims)  # type: ignore[arg-type]
+        progress.mark("stream")
         delivered = 0
         final: FinalChunk | None = None
         try:
             await sealed.send(gen)
             with trio.fail_after(self.settings.first_token_timeout):
                 quote = expect(PromptQuote, await sealed.receive())
+            progress.mark("quote")
             bound = prompt_token_bound(req.prompt, tuple((m.role, m.content) for m in req.messages))
             bound += len(continuation)
             if not 0 < quote.prompt_tokens <= bound:
@@ -261,50 +347,68 @@ class NetworkBackend:
                     f"worker quoted {quote.prompt_tokens} prompt tokens, at most {bound} possible"
                 )
             prices = client_prices(Prices(o.price_prompt, o.price_completion), self.settings.fee_ppm)
-            async with self.payments.pay_session(
-                proxy,
-                session_id=session_id,
-                offer_id=o.worker_key,
-                prices=prices,
-                prompt_tokens=quote.prompt_tokens,
-                max_tokens=remaining,
-                worker_key=o.worker_key,
-            ) as pay:
-                validator = ChunkValidator(gen)
-                use = WorkerUse(o.peer_id, o.tier, 0, prices.cost(quote.prompt_tokens, 0))
-                progress.workers.append(use)
-                if not progress.prompt_tokens:
-                    progress.prompt_tokens = quote.prompt_tokens
-                timeout = self.settings.first_token_timeout
-                while True:
-                    with trio.fail_after(timeout):
-                        msg = await sealed.receive()
-                    timeout = self.settings.token_timeout
-                    if msg is None:
-                        raise TransportError(f"{o.peer_id} ended the stream before the final chunk")
-                    if isinstance(msg, wire.ErrorFrame):
-                        raise RemoteError(msg.code, msg.message)
-                    chunk = validator.check(msg)
-                    ids = list(chunk.token_ids)
-                    if ids:
-                        await pay.received(ids)
-                        delivered += len(ids)
-                        progress.token_ids += ids
-                        if not progress.ttft:
-                            progress.ttft = time.perf_counter() - started
-                    use = attrs.evolve(
-                        use,
-                        completion_tokens=delivered,
-                        cost_nanoton=prices.cost(quote.prompt_tokens, delivered),
-                    )
-                    progress.workers[-1] = use
-                    if chunk.text or ids:
-                        progress.text.append(chunk.text)
-                        await events.send(TextDelta(chunk.text, len(ids)))
-                    if isinstance(chunk, FinalChunk):
-                        final = chunk
-                        break
+            paying = False
+            try:
+                async with self.payments.pay_session(
+                    proxy,
+                    session_id=session_id,
+                    offer_id=o.worker_key,
+                    prices=prices,
+                    prompt_tokens=quote.prompt_tokens,
+                    max_tokens=remaining,
+                    worker_key=o.worker_key,
+                ) as pay:
+                    paying = True
+                    progress.mark("payment")
+                    validator = ChunkValidator(gen)
+                    use = WorkerUse(o.peer_id, o.tier, 0, prices.cost(quote.prompt_tokens, 0))
+                    progress.workers.append(use)
+                    if not progress.prompt_tokens:
+                        progress.prompt_tokens = quote.prompt_tokens
+                    timeout = self.settings.first_token_timeout
+                    while True:
+                        with trio.fail_after(timeout):
+                            msg = await sealed.receive()
+                        timeout = self.settings.token_timeout
+                        if msg is None:
+                            raise TransportError(f"{o.peer_id} ended the stream before the final chunk")
+                        if isinstance(msg, wire.ErrorFrame):
+                            raise RemoteError(msg.code, msg.message)
+                        chunk = validator.check(msg)
+                        ids = list(chunk.token_ids)
+                        if ids:
+                            await pay.received(ids)
+                            delivered += len(ids)
+                            progress.token_ids += ids
+                            if not progress.ttft:
+                                progress.mark("first token")
+                                progress.ttft = time.perf_counter() - started
+
+                        use = attrs.evolve(
+                            use,
+                            completion_tokens=delivered,
+                            cost_nanoton=prices.cost(quote.prompt_tokens, delivered),
+                        )
+                        progress.workers[-1] = use
+                        if chunk.text or ids:
+                            progress.text.append(chunk.text)
+                            await events.send(TextDelta(chunk.text, len(ids)))
+                        if isinstance(chunk, FinalChunk):
+                            final = chunk
+                            break
+            except TransportError as e:
+                if not paying:  # the payment session never opened: the proxy is at fault, not the worker
+                    raise ProxyFault(proxy, str(e)) from e
+                raise
             self.counters["tokens"] += delivered
+            log.info(
+                "completion: %d tokens from %s, first token after %.0f ms (%s)",
+                delivered,
+                o.peer_id[-10:],
+                progress.ttft * 1000,
+                progress.phases(started),
+                extra={"peer_id": o.peer_id},
+            )
             cost = sum(w.cost_nanoton for w in progress.workers)
             self.counters["spent"] += cost
             assert final is not None
@@ -393,6 +497,7 @@ class ClientRole:
         async with trio.open_nursery() as nursery:
             await nursery.start(directory.run)
             nursery.start_soon(self.backend.run_model_refresh)
+            nursery.start_soon(self.backend.run_match_refresh)
             self.bound = await nursery.start(serve_api, app_, self.host, self.port)
             await trio.Path(app.cfg.data_dir / API_ADDR_FILE).write_text(self.base_url + "\n")
             log.info("OpenAI-compatible API on %s/v1", self.base_url)

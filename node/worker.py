@@ -37,6 +37,7 @@ from overlay.errors import ChannelError, InferenceError, NodeError, SealError, S
 from overlay.streams import FramedStream, MessageStream
 from ton.keys import KeyPair
 from ton.metering import Prices
+from ton.session import WorkerSession
 
 from .config import NodeConfig
 from .network import make_directory
@@ -85,17 +86,29 @@ class _Replay:
 
 
 class _MeteredStream(_Replay):
-    """Every chunk waits for payment credit before it goes out (the worker's half of metering)."""
+    """Every chunk waits for payment credit before it goes out (the worker's half of metering).
 
-    def __init__(self, inner: MessageStream, first: object, session: object) -> None:
+    The payment session is attached when the payer's session arrives; until
+    then chunks wait (prefill runs meanwhile, so payment set-up costs no time).
+    """
+
+    def __init__(self, inner: MessageStream, first: object, *, worker: str = "") -> None:
         super().__init__(inner, first)
-        self.session = session
+        self.worker = worker  # our own peer id (for logs)
+        self.session: WorkerSession | None = None
+        self._attached = trio.Event()
         self.tokens = 0
+
+    def attach(self, session: WorkerSession) -> None:
+        self.session = session
+        self._attached.set()
 
     async def send(self, msg: object) -> None:
         if isinstance(msg, TokenChunk | FinalChunk) and msg.token_ids:
+            await self._attached.wait()
+            assert self.session is not None
             try:
-                await self.session.produced(list(msg.token_ids))  # type: ignore[attr-defined]
+                await self.session.produced(list(msg.token_ids))
             except ChannelError as e:
                 raise StreamBroken(f"payment stopped: {e}") from e
             self.tokens += len(msg.token_ids)
@@ -121,6 +134,7 @@ class WorkerRole:
         self.pricing = PricingPolicy(w.price_prompt, w.price_completion)
         self.floor = Prices(w.price_prompt, w.price_completion)
         self.counters = dict.fromkeys(("served", "refused", "aborted", "tokens"), 0)
+        self.peer_id = ""
         self.decode_tok_s = 0.0
 
     # ------------------------------------------------------------------ start-up
@@ -198,6 +212,7 @@ class WorkerRole:
 
         assert isinstance(app, NodeApp)
         ov = app.overlay
+        self.peer_id = app.peer_id
         info = self.info = await self._load()
         assert self.engine is not None
         self.generation = GenerationService({info.model_id: self.engine})
@@ -285,18 +300,35 @@ class WorkerRole:
                 await self._refuse(sealed, error_code(e), str(e))
                 return
             await sealed.send(PromptQuote(req.request_id, prompt_tokens))
-            async with self.ctx.payments.serve_session(
-                session_id, min_prices=self.floor, receipt_key=self._receipt_key
-            ) as session:
-                assert session.meter is not None
-                if session.meter.prompt_tokens < prompt_tokens:
-                    await self._refuse(
-                        sealed, "bad_request", f"the session prepays fewer than {prompt_tokens} prompt tokens"
-                    )
-                    return
-                metered = _MeteredStream(sealed, req, session)
-                await self.generation.handle(metered)
-                self.counters["tokens"] += metered.tokens
+            metered = _MeteredStream(sealed, req, worker=self.peer_id)
+            done = trio.Event()
+            failure: list[NodeError] = []
+            async with trio.open_nursery() as nursery:
+
+                async def paid() -> None:
+                    try:
+                        async with self.ctx.payments.serve_session(
+                            session_id, min_prices=self.floor, receipt_key=self._receipt_key
+                        ) as session:
+                            assert session.meter is not None
+                            if session.meter.prompt_tokens < prompt_tokens:
+                                raise ChannelError(
+                                    f"the session prepays fewer than {prompt_tokens} prompt tokens"
+                                )
+                            metered.attach(session)
+                            await done.wait()
+                    except NodeError as e:
+                        failure.append(e)
+                        nursery.cancel_scope.cancel()  # no payment, no tokens
+
+                nursery.start_soon(paid)
+                try:
+                    await self.generation.handle(metered)  # prefill runs while the payment session opens
+                finally:
+                    done.set()
+            self.counters["tokens"] += metered.tokens
+            if failure:
+                raise failure[0]
             self.counters["served"] += 1
         except (NodeError, trio.TooSlowError) as e:
             self.counters["aborted"] += 1

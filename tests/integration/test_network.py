@@ -143,12 +143,12 @@ async def test_worker_killed_mid_stream_the_answer_continues_elsewhere(
         net = await start_testnet(nursery, tmp_path, tiny_model_dir, workers=2)
         await _wait_offers(net, "bootstrap-1", 2)
         killed: list[str] = []
-        original = worker_mod._MeteredStream.send
+        original_send = worker_mod._MeteredStream.send
 
         async def send_then_die(self: worker_mod._MeteredStream, msg: object) -> None:
-            await original(self, msg)
+            await original_send(self, msg)
             if not killed and isinstance(msg, TokenChunk):
-                victim = next(w for w in net.workers() if w.engine and w.engine.stats().running)
+                victim = next(w for w in net.workers() if w.app.peer_id == self.worker)
                 killed.append(victim.app.peer_id)
                 victim.kill()  # the whole node goes down: host, streams, payments
 
