@@ -44,12 +44,13 @@ from typing import Any, TypeVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo's packages, not this file
 
+import attrs
 import torch
 import trio
 
 from inference.cpu import TorchEngine
 from inference.gguf_file import read_gguf
-from inference.messages import ChatMessage, GenerateRequest
+from inference.messages import ChatMessage, Chunk, FinalChunk, GenerateRequest
 from inference.models import default_model_path
 from inference.service import PROTOCOL_ID, GenerationService, generate
 
@@ -129,11 +130,25 @@ async def batch_rate(engine: TorchEngine, batch: int, n: int) -> float:
     return tokens / (end - start)
 
 
-async def service_vs_bare(engine: TorchEngine, n: int, pairs: int) -> tuple[float, float, float, float]:
-    """Paired runs, bare engine vs the service over libp2p on loopback, alternating which goes first.
+@attrs.frozen
+class ServiceFigures:
+    paired_ratio: float  # median over pairs of service tok/s / bare-engine tok/s
+    paired_ttft_over: float  # median over pairs of service TTFT - bare TTFT, seconds
+    own_ratio: float  # median of client-observed tok/s / the engine's own figure for the same request
+    own_ttft_over: float  # median of client-observed TTFT - the engine's own TTFT for the same request, s
+    via_rate: float
+    bare_rate: float
+    paired_iqr: tuple[float, float]  # spread of the paired ratios: the machine's noise
 
-    Returns the median per-pair tok/s ratio, the median TTFT difference (s), and the median
-    service and bare tok/s.
+
+async def service_vs_bare(engine: TorchEngine, n: int, pairs: int) -> ServiceFigures:
+    """The service over libp2p on loopback vs the bare engine, two ways.
+
+    Paired runs (alternating which goes first) compare whole requests, but a
+    prefill's time swings by tens of ms on a shared machine.  So each service
+    request is also compared with the engine's own timing of that very
+    request (``FinalChunk.ttft_s`` / ``decode_tok_per_s``, measured inside the
+    engine): the difference is exactly what the service and the transport add.
     """
     from overlay.host import open_overlay
     from overlay.identity import Identity
@@ -141,6 +156,8 @@ async def service_vs_bare(engine: TorchEngine, n: int, pairs: int) -> tuple[floa
     service = GenerationService({"smollm2": engine})
     ratios: list[float] = []
     ttft_over: list[float] = []
+    own_ratios: list[float] = []
+    own_over: list[float] = []
     via_rates: list[float] = []
     bare_rates: list[float] = []
     async with AsyncExitStack() as stack:
@@ -149,29 +166,43 @@ async def service_vs_bare(engine: TorchEngine, n: int, pairs: int) -> tuple[floa
         worker.set_stream_handler(PROTOCOL_ID, service.handle)
         await client.connect(worker.listen_addrs()[0])
 
-        async def via(rid: str) -> tuple[float, float]:
+        async def via(rid: str) -> tuple[float, float, FinalChunk]:
             stream = await client.open_stream(worker.peer_id, PROTOCOL_ID)
             t0 = time.perf_counter()
             stamps: list[tuple[float, int]] = []
+            last: Chunk | None = None
             async with aclosing(generate(stream, _request(rid, n))) as chunks:
                 async for c in chunks:
                     stamps.append((time.perf_counter(), len(c.token_ids)))
-            return _rate(stamps), stamps[0][0] - t0
+                    last = c
+            assert isinstance(last, FinalChunk)
+            return _rate(stamps), stamps[0][0] - t0, last
 
         for r in range(pairs + 1):
             if r % 2:
-                v_rate, v_ttft = await via(f"svc{r}")
+                v_rate, v_ttft, final = await via(f"svc{r}")
                 b_rate, b_ttft, _ = await ours_decode(engine, n, f"bare{r}")
             else:
                 b_rate, b_ttft, _ = await ours_decode(engine, n, f"bare{r}")
-                v_rate, v_ttft = await via(f"svc{r}")
+                v_rate, v_ttft, final = await via(f"svc{r}")
             if r == 0:
                 continue  # warm-up: the first stream, the first runs of the service's code
             ratios.append(v_rate / b_rate)
             ttft_over.append(v_ttft - b_ttft)
+            own_ratios.append(v_rate / final.decode_tok_per_s)
+            own_over.append(v_ttft - final.ttft_s)
             via_rates.append(v_rate)
             bare_rates.append(b_rate)
-    return _median(ratios), _median(ttft_over), _median(via_rates), _median(bare_rates)
+    q = statistics.quantiles(ratios, n=4)
+    return ServiceFigures(
+        _median(ratios),
+        _median(ttft_over),
+        _median(own_ratios),
+        _median(own_over),
+        _median(via_rates),
+        _median(bare_rates),
+        (q[0], q[2]),
+    )
 
 
 # --------------------------------------------------------------------------- baselines
@@ -339,24 +370,28 @@ async def run(args: argparse.Namespace) -> list[Row]:
 
     rates = {}
     for b in (1, 4, 8):
-        rates[b] = _median([await batch_rate(engine, b, n) for _ in range(max(rounds - 1, 1))])
+        rates[b] = _median([await batch_rate(engine, b, n) for _ in range(rounds)])
         rows.append((f"aggregate decode tok/s, batch {b}", f"{rates[b]:.1f}", "", ""))
     rows.append(("batch 8 / batch 1", f"{rates[8] / rates[1]:.2f}", ">= 4", _ok(rates[8] / rates[1] >= 4)))
 
-    ratio, over, via, bare = await service_vs_bare(engine, n, pairs=2 * rounds + 1)
-    rows.append(("service over libp2p loopback: decode tok/s", f"{via:.1f} (bare {bare:.1f})", "", ""))
+    sv = await service_vs_bare(engine, max(n // 2, 32), pairs=4 * rounds + 1)
     rows.append(
-        ("service / bare engine tok/s (median of pairs)", f"{ratio:.3f}", ">= 0.97", _ok(ratio >= 0.97))
+        ("service over libp2p loopback: decode tok/s", f"{sv.via_rate:.1f} (bare {sv.bare_rate:.1f})", "", "")
     )
-    over_ms = over * 1e3
     rows.append(
         (
-            "TTFT overhead of the service (median of pairs)",
-            f"{over_ms:.1f} ms",
-            "<= 15 ms",
-            _ok(over_ms <= 15),
+            "service / bare tok/s, paired runs",
+            f"{sv.paired_ratio:.3f} (IQR {sv.paired_iqr[0]:.2f}-{sv.paired_iqr[1]:.2f})",
+            ">= 0.97",
+            _ok(sv.paired_ratio >= 0.97),
         )
     )
+    rows.append(
+        ("service / engine tok/s, same request", f"{sv.own_ratio:.3f}", ">= 0.97", _ok(sv.own_ratio >= 0.97))
+    )
+    paired_ms, own_ms = sv.paired_ttft_over * 1e3, sv.own_ttft_over * 1e3
+    rows.append(("TTFT overhead, paired runs (prefill noise)", f"{paired_ms:.1f} ms", "", ""))
+    rows.append(("TTFT overhead, same request", f"{own_ms:.1f} ms", "<= 15 ms", _ok(own_ms <= 15)))
     await engine.close()
     return rows
 
