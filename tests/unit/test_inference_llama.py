@@ -140,3 +140,26 @@ def test_rope_theta_from_rope_parameters(tiny_model_dir: Path, tmp_path: Path) -
     cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": 100000.0}
     (d / "config.json").write_text(json.dumps(cfg))
     assert load_model(d, weights="fp32").config.rope_theta == 100000.0
+
+
+@pytest.mark.parametrize("kind", ["fp32", "int8"])
+def test_python_fallback_of_the_kernels_matches_torchscript(
+    tiny_model_dir: Path, kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without TorchScript (no sources, or a torch without it) the same functions run as Python."""
+    import inference.kernels as kernels
+    import inference.llama as llama
+
+    lm = load_model(tiny_model_dir, weights=kind)
+
+    def logits() -> torch.Tensor:
+        m = LlamaModel(lm.config, lm.weights, slots=3, context=64)
+        last = m.prefill(0, torch.tensor([5, 6, 7, 8, 9]), 0)
+        for s in (1, 2):
+            m.prefill(s, torch.tensor([5, 6, 7, 8][: s + 2]), 0)
+        return torch.cat([last[None], m.decode([0, 1, 2], torch.tensor([9, 9, 9]), [5, 3, 4])])
+
+    scripted = logits()
+    monkeypatch.setattr(llama, "decode_layers", kernels._decode_layers)
+    monkeypatch.setattr(llama, "qlinear", kernels._qlinear)
+    torch.testing.assert_close(logits(), scripted, rtol=0, atol=1e-6)
