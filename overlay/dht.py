@@ -105,8 +105,14 @@ class DhtFacade:
                 raise RecordRejected(f"no validator for the namespace of {key!r}") from e
             raise OverlayError(f"DHT put {key!r} failed: {e}") from e
 
+    def _check_namespace(self, key: str) -> None:
+        ns = key[1:].split("/", 1)[0] if key.startswith("/") and key.count("/") >= 2 else ""
+        if ns not in self._validators:
+            raise RecordRejected(f"no validator for the namespace of {key!r}: no record there is valid")
+
     async def get(self, key: str) -> bytes | None:
         """The best value under ``key`` (None when nobody has one)."""
+        self._check_namespace(key)
         try:
             with trio.fail_after(_QUERY_TIMEOUT_S):
                 value = await self.kad.get_value(key)
@@ -128,13 +134,41 @@ class DhtFacade:
             raise OverlayError(f"DHT provide {key!r} timed out") from e
 
     async def find_providers(self, key: str, count: int = 20) -> list[ProviderRecord]:
-        """Providers of ``key``, one record per peer (py-libp2p repeats them, B7)."""
+        """Providers of ``key``, one record per peer.
+
+        py-libp2p's own lookup returns the local records alone when it has any,
+        and counts repeated providers towards ``count`` (B7), so it misses
+        providers.  We merge the local records with those of the closest peers.
+        """
+        from libp2p.kad_dht.kad_dht import _encode_key
+        from libp2p.peer.id import ID
+
+        k = _encode_key(key)
+        store = self.kad.provider_store
+        seen: dict[str, set[str]] = {}
+
+        def add(infos: object) -> None:
+            for info in infos or []:  # type: ignore[attr-defined]
+                seen.setdefault(str(info.peer_id), set()).update(str(a) for a in info.addrs)
+
+        add(store.get_providers(k))
+
+        async def ask(peer: ID) -> None:
+            with trio.move_on_after(5):
+                try:
+                    providers, _ = await store._get_providers_from_peer_with_closers(peer, k)
+                except Exception as e:  # one peer failing is not the lookup failing
+                    log.debug("providers from %s: %s", peer, e)
+                    return
+                add(providers)
+
         try:
             with trio.fail_after(_QUERY_TIMEOUT_S):
-                infos = await self.kad.find_providers(key, count)
+                closest = await self.kad.peer_routing.find_closest_peers_network(k)
+                async with trio.open_nursery() as n:
+                    for peer in list(closest)[:20]:
+                        if str(peer) != self.peer_id:
+                            n.start_soon(ask, peer)
         except trio.TooSlowError as e:
             raise OverlayError(f"DHT find_providers {key!r} timed out") from e
-        seen: dict[str, set[str]] = {}
-        for info in infos:
-            seen.setdefault(str(info.peer_id), set()).update(str(a) for a in info.addrs)
-        return [ProviderRecord(p, tuple(sorted(a))) for p, a in seen.items()]
+        return [ProviderRecord(p, tuple(sorted(a))) for p, a in seen.items()][:count]

@@ -485,39 +485,58 @@ async def open_overlay(identity: Identity, settings: OverlaySettings | None = No
     _tame_library_logs()
     ov = Overlay(identity, settings)
     listen = Multiaddr(f"/ip4/{settings.listen_host}/tcp/{settings.listen_port}")
-    async with AsyncExitStack() as stack:
-        await stack.enter_async_context(ov._host.run([listen]))
-        ov._nursery = await stack.enter_async_context(trio.open_nursery())
-        # Cancel our own tasks only after the services below have stopped: cancelling first
-        # would make their shutdown raise Cancelled, which replaces (and so hides) any error
-        # leaving the body.
-        stack.callback(ov._nursery.cancel_scope.cancel)
-        ov._dht = DhtFacade(ov._host, server=settings.dht_mode != "client", peer_id=ov.peer_id)
-        await stack.enter_async_context(background_trio_service(ov._dht.kad))
-        if settings.gossip:
-            router = GossipSub(
-                protocols=[PROTOCOL_ID_V11],
-                degree=settings.degree,
-                degree_low=settings.degree_low,
-                degree_high=settings.degree_high,
-                heartbeat_interval=settings.heartbeat_s,
-                spam_protection_enabled=False,
-                adaptive_gossip_enabled=False,
+    body_error: BaseException | None = None
+    try:
+        async with AsyncExitStack() as stack:
+            await stack.enter_async_context(ov._host.run([listen]))
+            ov._nursery = await stack.enter_async_context(trio.open_nursery())
+            stack.callback(ov._nursery.cancel_scope.cancel)
+            ov._dht = DhtFacade(ov._host, server=settings.dht_mode != "client", peer_id=ov.peer_id)
+            await stack.enter_async_context(background_trio_service(ov._dht.kad))
+            if settings.gossip:
+                router = GossipSub(
+                    protocols=[PROTOCOL_ID_V11],
+                    degree=settings.degree,
+                    degree_low=settings.degree_low,
+                    degree_high=settings.degree_high,
+                    heartbeat_interval=settings.heartbeat_s,
+                    spam_protection_enabled=False,
+                    adaptive_gossip_enabled=False,
+                )
+                pubsub = Pubsub(ov._host, router, strict_signing=True)
+                ov._pubsub = pubsub
+                ov._hook_subscriptions(pubsub)
+                await stack.enter_async_context(background_trio_service(pubsub))
+                await stack.enter_async_context(background_trio_service(router))
+                with trio.fail_after(10):
+                    await pubsub.wait_until_ready()
+            stack.push_async_callback(ov._shutdown)
+            log.info(
+                "overlay up at %s (dht %s)",
+                ", ".join(ov.listen_addrs()),
+                settings.dht_mode,
+                extra={"peer_id": ov.peer_id},
             )
-            pubsub = Pubsub(ov._host, router, strict_signing=True)
-            ov._pubsub = pubsub
-            ov._hook_subscriptions(pubsub)
-            await stack.enter_async_context(background_trio_service(pubsub))
-            await stack.enter_async_context(background_trio_service(router))
-            with trio.fail_after(10):
-                await pubsub.wait_until_ready()
-        stack.push_async_callback(ov._shutdown)
-        log.info(
-            "overlay up at %s (dht %s)",
-            ", ".join(ov.listen_addrs()),
-            settings.dht_mode,
-            extra={"peer_id": ov.peer_id},
-        )
-        if settings.bootstrap:
-            await ov.bootstrap()
-        yield ov
+            if settings.bootstrap:
+                await ov.bootstrap()
+            try:
+                yield ov
+            except BaseException as e:  # shut down as usual, then re-raise it as it was
+                body_error = e
+    except BaseException as teardown:
+        # py-libp2p's services can raise while they stop (trio assertions, closed nurseries,
+        # Cancelled from their own scopes).  An error of the body wins; otherwise say so.
+        if body_error is None and not _teardown_noise(teardown):
+            raise
+        log.debug("overlay teardown: %r", teardown, extra={"peer_id": ov.peer_id})
+    if body_error is not None:
+        raise body_error
+
+
+def _teardown_noise(exc: BaseException) -> bool:
+    """Errors py-libp2p 0.8.1 raises while its services stop (nothing of ours)."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_teardown_noise(e) for e in exc.exceptions)
+    if isinstance(exc, trio.Cancelled | AssertionError):
+        return True
+    return isinstance(exc, RuntimeError) and "closed" in str(exc).lower()

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from contextlib import AsyncExitStack
 
-import trio
-
 from overlay.host import Overlay, OverlaySettings, open_overlay
 from overlay.identity import Identity
 
@@ -23,10 +21,20 @@ async def start_nodes(
     gossip: bool = True,
     dht_mode: str = "server",
 ) -> list[Overlay]:
-    """``n`` nodes that joined through ``bootstrap`` (bounded: 10 s per node)."""
-    settings = OverlaySettings(bootstrap=(bootstrap.listen_addrs()[0],), gossip=gossip, dht_mode=dht_mode)
+    """``n`` nodes that joined through ``bootstrap``.
+
+    Each start is bounded by the overlay's own dial timeout and bootstrap attempts (a
+    ``fail_after`` around ``enter_async_context`` would wrap the node's nurseries and
+    corrupt trio's cancel-scope stack when it exits first).
+    """
+    settings = OverlaySettings(
+        bootstrap=(bootstrap.listen_addrs()[0],),
+        gossip=gossip,
+        dht_mode=dht_mode,
+        dial_timeout_s=5.0,
+        bootstrap_attempts=2,
+    )
     nodes = []
     for _ in range(n):
-        with trio.fail_after(10):
-            nodes.append(await stack.enter_async_context(open_overlay(Identity.generate(), settings)))
+        nodes.append(await stack.enter_async_context(open_overlay(Identity.generate(), settings)))
     return nodes

@@ -192,8 +192,8 @@ async def test_oversized_frame_rejected_connection_keeps_serving() -> None:
         with trio.fail_after(15):
             bad = await client.open_stream(server.peer_id, ECHO)
             await bad.raw.write(uvarint(1 << 20) + b"x" * 100)  # announces 1 MiB: over the server's limit
-            with pytest.raises(StreamBroken):
-                await bad.receive()
+            with pytest.raises(StreamBroken):  # the server dropped the stream without an answer
+                await bad.receive_as(_Echo)
             good = await client.open_stream(server.peer_id, ECHO)
             assert await good.request(_Echo("still here"), _Echo) == _Echo("STILL HERE")
             await good.aclose()
@@ -236,7 +236,6 @@ async def test_open_stream_to_unknown_peer_is_dial_error() -> None:
 
 async def test_errors_inside_an_overlay_propagate() -> None:
     """An error in the body leaves open_overlay (it is never swallowed during shutdown)."""
-    with pytest.raises(BaseExceptionGroup) as ei:
+    with pytest.raises(RecordRejected, match="boom"):
         async with open_overlay(Identity.generate()):
             raise RecordRejected("boom")
-    assert ei.group_contains(RecordRejected)
