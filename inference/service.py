@@ -248,19 +248,28 @@ class GenerationService:
     ) -> None:
         """Send chunks, merging those that arrive within ``coalesce_s``; returns after the final one."""
         first = True
+        carry: Chunk | None = None  # a chunk that did not fit into the previous message
         async with chunks:
             while True:
-                try:
-                    chunk = await chunks.receive()
-                except trio.EndOfChannel:
-                    raise StreamBroken("the engine stopped without a final chunk") from None
+                if carry is not None:
+                    chunk, carry = carry, None
+                else:
+                    try:
+                        chunk = await chunks.receive()
+                    except trio.EndOfChannel:
+                        raise StreamBroken("the engine stopped without a final chunk") from None
                 if not first and isinstance(chunk, TokenChunk):
                     with trio.move_on_after(self.coalesce_s):
                         while isinstance(chunk, TokenChunk) and len(chunk.token_ids) < self.max_chunk_tokens:
                             try:
-                                chunk = merge_chunks(chunk, await chunks.receive())
+                                nxt = await chunks.receive()
                             except trio.EndOfChannel:
                                 break
+                            fits = len(chunk.token_ids) + len(nxt.token_ids) <= self.max_chunk_tokens
+                            if isinstance(nxt, TokenChunk) and not fits:
+                                carry = nxt
+                                break
+                            chunk = merge_chunks(chunk, nxt)
                 first = False
                 if isinstance(chunk, FinalChunk):
                     final_going()
