@@ -663,7 +663,7 @@ class OpenAIApp:
 
 
 async def serve_api(
-    app: OpenAIApp,
+    app: object,
     host: str,
     port: int,
     *,

@@ -21,6 +21,7 @@ from overlay.identity import Identity
 
 from .config import NodeConfig
 from .control import StatusReply, serve_control
+from .metrics import Metrics, Sample, serve_metrics
 from .networks import Network
 
 __all__ = ["Component", "NodeApp"]
@@ -59,6 +60,8 @@ class NodeApp:
         self._bootstrap_override = bootstrap_override
         self._overlay: Overlay | None = None
         self._started_at = 0.0
+        self.metrics = Metrics()
+        self.metrics_url = ""
 
     @property
     def peer_id(self) -> str:
@@ -95,6 +98,14 @@ class NodeApp:
                 async with trio.open_nursery() as nursery:
                     if self.cfg.node.control:
                         await nursery.start(serve_control, self.cfg.data_dir, self.status, self.action)
+                    self.metrics.collector(
+                        "cocoon_overlay", "gauge", "overlay figures", self._overlay_samples
+                    )
+                    if self.cfg.node.metrics_port:
+                        host, port = await nursery.start(
+                            serve_metrics, self.metrics, "127.0.0.1", self.cfg.node.metrics_port
+                        )
+                        self.metrics_url = f"http://{host}:{port}/metrics"
                     for c in self.components:
                         await nursery.start(c.run, self)
                     log.info(
@@ -108,6 +119,20 @@ class NodeApp:
                     await trio.sleep_forever()
             finally:
                 self._overlay = None
+
+    def _overlay_samples(self) -> list[Sample]:
+        if self._overlay is None:
+            return []
+        st = self._overlay.statistics()
+        return [
+            ("cocoon_overlay", {"figure": "connected_peers"}, float(st.connected_peers)),
+            ("cocoon_overlay", {"figure": "routing_table_size"}, float(st.routing_table_size)),
+            ("cocoon_overlay", {"figure": "gossip_published"}, float(st.published)),
+            ("cocoon_overlay", {"figure": "gossip_received"}, float(st.received)),
+            ("cocoon_overlay", {"figure": "gossip_rejected"}, float(st.rejected)),
+            ("cocoon_overlay", {"figure": "gossip_ignored"}, float(st.ignored)),
+            ("cocoon_overlay", {"figure": "gossip_dropped"}, float(st.dropped)),
+        ]
 
     async def action(self, name: str) -> str:
         """A control action (``cocoon-node`` or the devnet asks): handled by the first component that can."""

@@ -207,7 +207,7 @@ def _node_identity(args: argparse.Namespace, cfg: NodeConfig, net: Network) -> I
 
 def _roles(args: argparse.Namespace) -> tuple[str, ...]:
     if args.command == "bootstrap":
-        return ("bootstrap",) if not args.no_proxy else ()
+        return ("bootstrap",)
     if args.command == "client":
         return ("client",)
     roles = []
@@ -234,7 +234,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     override = None
     if extra:
         override = tuple(dict.fromkeys(net.bootstrap + cfg.overlay.bootstrap + extra))
-    app = build_node(cfg, ident, net, NodeRoles(roles, bootstrap_override=override))
+    proxy = not getattr(args, "no_proxy", False)
+    app = build_node(cfg, ident, net, NodeRoles(roles, bootstrap_override=override, bootstrap_proxy=proxy))
 
     async def run() -> None:
         async with trio.open_nursery() as n:

@@ -471,6 +471,7 @@ class ClientRole:
 
         assert isinstance(app, NodeApp)
         ov = app.overlay
+        self.metrics = app.metrics  # one registry per node: /metrics shows every role's figures
         directory = make_directory(
             ov, app.identity, self.ctx.timings, self.ctx.seeds, self.ctx.stakes,
             bootstrap_proxies=self.bootstrap_proxies,
@@ -486,12 +487,6 @@ class ClientRole:
             lambda: [
                 ("cocoon_client_events_total", {"kind": k}, float(v)) for k, v in backend.counters.items()
             ],
-        )
-        self.metrics.collector(
-            "cocoon_peers",
-            "gauge",
-            "connected overlay peers",
-            lambda: [("cocoon_peers", {}, float(len(ov.connected_peers())))],
         )
         app_ = OpenAIApp(self.backend, self.api, self.metrics)
         async with trio.open_nursery() as nursery:

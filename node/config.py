@@ -48,6 +48,7 @@ class NodeSection:
     control: bool = True  # serve status/peers on <data dir>/control.sock
     operator: str = ""  # who runs this node (proxy candidates: at most 2 elected per operator)
     proxy_fee_ppm: int = 20_000  # a proxy's fee on forwarded payments, parts per million (2 %)
+    metrics_port: int = 0  # serve Prometheus /metrics on 127.0.0.1:<port> (0: off; a client's API has it)
 
 
 @attrs.frozen

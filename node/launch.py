@@ -35,6 +35,7 @@ class NodeRoles:
     engine: Engine | None = None  # a preloaded engine for the worker (tests share one)
     timings: NetworkTimings | None = None  # override the network's timings (tests)
     bootstrap_override: tuple[str, ...] | None = None
+    bootstrap_proxy: bool = True  # a bootstrap node is also the network's fallback proxy
 
 
 def build_node(cfg: NodeConfig, identity: Identity, network: Network, spec: NodeRoles) -> NodeApp:
@@ -48,10 +49,13 @@ def build_node(cfg: NodeConfig, identity: Identity, network: Network, spec: Node
         fallback = bootstrap_proxy_refs(attrs.evolve(network, bootstrap=spec.bootstrap_override))
     fallback = tuple(p for p in fallback if p.peer_id != identity.peer_id)
     models = tuple(dict.fromkeys((*cfg.client.models, DEFAULT_MODEL_ID)))
-    if spec.roles:
+    needs_chain = any(r != "bootstrap" for r in spec.roles) or (
+        "bootstrap" in spec.roles and spec.bootstrap_proxy
+    )
+    if needs_chain:
         ctx = NetworkContext(cfg, spec.timings)
         components.append(ctx)
-        if "bootstrap" in spec.roles:
+        if "bootstrap" in spec.roles and spec.bootstrap_proxy:
             components.append(ProxyRole(ctx, models=models, candidate=False, fee_ppm=cfg.node.proxy_fee_ppm))
         if "proxy" in spec.roles:
             components.append(

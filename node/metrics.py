@@ -11,10 +11,12 @@ import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+import trio
+
 if TYPE_CHECKING:
     from .api import Completed
 
-__all__ = ["Counter", "Gauge", "Metrics", "Sample"]
+__all__ = ["Counter", "Gauge", "Metrics", "Sample", "serve_metrics"]
 
 Sample = tuple[str, dict[str, str], float]  # name, labels, value
 
@@ -121,3 +123,37 @@ class Metrics:
             lines.append(f"# TYPE {name} {kind}")
             lines += [f"{n}{_labels(lb)} {_num(v)}" for n, lb, v in samples]
         return "\n".join(lines) + "\n"
+
+
+async def serve_metrics(
+    metrics: Metrics,
+    host: str,
+    port: int,
+    *,
+    task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``GET /metrics`` on host:port (for nodes without the client API)."""
+    from .api import serve_api
+
+    async def app(scope: dict[str, object], receive: object, send: object) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                msg = await receive()  # type: ignore[operator]
+                kind = str(msg["type"])
+                await send({"type": kind + ".complete"})  # type: ignore[operator]
+                if kind == "lifespan.shutdown":
+                    return
+        if scope["type"] != "http":
+            return
+        ok = scope.get("path") == "/metrics"
+        body = metrics.render().encode() if ok else b"not found\n"
+        await send(  # type: ignore[operator]
+            {
+                "type": "http.response.start",
+                "status": 200 if ok else 404,
+                "headers": [(b"content-type", b"text/plain; version=0.0.4")],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})  # type: ignore[operator]
+
+    await serve_api(app, host, port, task_status=task_status)

@@ -155,6 +155,7 @@ class ProxyRole:
                 settings=self.timings.market,
             )
             self.ctx.payments.set_router(self._route)
+            app.metrics.collector("cocoon_proxy", "gauge", "proxy offers and routed sessions", self._samples)
             await nursery.start(self.directory.run)
             await nursery.start(self.service.run)
             log.info(
@@ -164,6 +165,18 @@ class ProxyRole:
                 self.fee_ppm / 10_000,
             )
             task_status.started()
+
+    def _samples(self) -> list[tuple[str, dict[str, str], float]]:
+        out = [
+            ("cocoon_proxy", {"figure": "sessions_routed"}, float(self.routed)),
+            ("cocoon_proxy", {"figure": "sessions_refused"}, float(self.refused)),
+        ]
+        if self.service is not None:
+            now = time.time()
+            for m in sorted(self.service.models):
+                n = len(self.service.core.book.offers(m, now))
+                out.append(("cocoon_proxy", {"figure": "live_offers", "model": m}, float(n)))
+        return out
 
     def status_section(self) -> dict[str, object]:
         svc = self.service

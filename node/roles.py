@@ -100,6 +100,11 @@ class NetworkContext:
             self._stakes = ChainStakes(self._chain)
             self._payments = PaymentManager.from_data_dir(app.overlay, self._chain, self.cfg.data_dir)
             stack.callback(self._payments.close_store)
+            payments = self._payments
+            app.metrics.collector(
+                "cocoon_payments", "gauge", "payment channels, balances, earnings (nanoTON)",
+                lambda: payments.statistics().samples(),
+            )  # fmt: skip
             await self._fund_devnet_wallet()
             balance = await self._chain.get_balance(self._payments.address)
             log.info("wallet %s holds %.3f TON", self._payments.address, balance / TON)

@@ -247,6 +247,9 @@ class WorkerRole:
             settings=self.timings.market,
         )
         self._receipt_key = KeyPair.from_seed(app.identity.seed())
+        app.metrics.collector(
+            "cocoon_worker", "gauge", "worker sessions, tokens and engine load", self._samples
+        )
         ov.set_stream_handler(GENERATE_SEALED, self.handle)
         async with trio.open_nursery() as nursery:
             await nursery.start(directory.run)
@@ -350,6 +353,15 @@ class WorkerRole:
             await stream.aclose()
         except TransportError:
             await stream.reset()
+
+    def _samples(self) -> list[tuple[str, dict[str, str], float]]:
+        out = [("cocoon_worker", {"figure": k}, float(v)) for k, v in self.counters.items()]
+        if self.engine is not None:
+            st = self.engine.stats()
+            for k in ("running", "waiting", "completed", "completion_tokens", "prompt_tokens"):
+                out.append(("cocoon_worker", {"figure": f"engine_{k}"}, float(getattr(st, k))))
+        out.append(("cocoon_worker", {"figure": "decode_tok_s"}, self.decode_tok_s))
+        return out
 
     def status_section(self) -> dict[str, object]:
         info = self.info

@@ -9,6 +9,7 @@ chain, and survive a worker that dies mid-stream and a proxy that dies.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -213,3 +214,42 @@ def _used_proxy(net: Net, exclude: str = "") -> str:
     routed, name = max(candidates)
     assert routed > 0
     return name
+
+
+async def test_ask_status_and_metrics(tmp_path: Path, tiny_model_dir: Path) -> None:  # noqa: F811
+    async with trio.open_nursery() as nursery:
+        net = await start_testnet(nursery, tmp_path, tiny_model_dir, workers=1)
+        await _wait_offers(net, "bootstrap-1", 1)
+        # `cocoon-node ask` streams the answer and says who answered, at what tier and cost
+        proc = await trio.run_process(
+            [sys.executable, "-m", "node.cli", "ask", "--api", net.api, "--model", TINY,
+             "--max-tokens", "8", "--data-dir", str(tmp_path / "asker"), "def add"],
+            capture_stdout=True, capture_stderr=True, check=False,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        err = proc.stderr.decode()
+        worker = net.workers()[0].app.peer_id
+        assert worker[-10:] in err
+        assert "tier none" in err
+        assert "nanoTON" in err
+        # status sections of every role
+        client_status = net.node("client").app.status().details()
+        assert client_status["client"]["completions"] >= 1  # type: ignore[index]
+        assert client_status["network"]["spent_nanoton"] > 0  # type: ignore[index]
+        worker_status = net.workers()[0].app.status().details()
+        assert worker_status["worker"]["served"] >= 1  # type: ignore[index]
+        assert worker_status["worker"]["tier"] == "none"  # type: ignore[index]
+        proxy_status = net.node("bootstrap-1").app.status().details()
+        assert proxy_status["proxy"]["sessions_routed"] >= 1  # type: ignore[index]
+        assert proxy_status["network"]["forward_fees_nanoton"] > 0  # type: ignore[index]
+        # Prometheus text on the client's API: every role's figures in one registry
+        async with httpx.AsyncClient(timeout=30) as http:
+            text = (await http.get(f"{net.api}/metrics")).text
+        for name in (
+            "cocoon_completion_tokens_total",
+            "cocoon_payments",
+            "cocoon_overlay",
+            "cocoon_client_events_total",
+        ):
+            assert name in text, name
+        nursery.cancel_scope.cancel()
