@@ -144,6 +144,7 @@ class Completed:
     cost_nanoton: int
     workers: tuple[WorkerUse, ...]
     ttft_s: float = 0.0
+    worker_decode_tok_s: float = 0.0  # the serving engine's own decode speed for this request
 
 
 Event = TextDelta | Completed
@@ -368,6 +369,7 @@ def _cocoon(done: Completed) -> dict[str, object]:
         "tier": done.workers[-1].tier if done.workers else None,
         "cost_nanoton": done.cost_nanoton,
         "ttft_ms": round(done.ttft_s * 1000, 2),
+        "worker_decode_tok_s": round(done.worker_decode_tok_s, 2),
     }
 
 

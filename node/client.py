@@ -420,6 +420,7 @@ class NetworkBackend:
                     cost_nanoton=cost,
                     workers=tuple(progress.workers),
                     ttft_s=progress.ttft,
+                    worker_decode_tok_s=final.decode_tok_per_s,
                 )
             )
             with trio.move_on_after(2):

@@ -76,6 +76,7 @@ class EngineBackend:
                             cost_nanoton=cost,
                             workers=(WorkerUse(self.name, "local", chunk.completion_tokens, cost),),
                             ttft_s=chunk.ttft_s,
+                            worker_decode_tok_s=chunk.decode_tok_per_s,
                         )
                     )
         finally:

@@ -98,13 +98,29 @@ class _MeteredStream(_Replay):
         self.session: WorkerSession | None = None
         self._attached = trio.Event()
         self.tokens = 0
+        self.t_start = time.perf_counter()
+        self.t_attached = 0.0  # the payment session arrived
+        self.t_first_ready = 0.0  # the engine had the first token
+        self.t_first_sent = 0.0  # ... and credit allowed sending it
 
     def attach(self, session: WorkerSession) -> None:
         self.session = session
+        self.t_attached = time.perf_counter()
         self._attached.set()
+
+    def timings(self) -> str:
+        def ms(t: float) -> str:
+            return f"{(t - self.t_start) * 1000:.0f}" if t else "-"
+
+        return (
+            f"payment session at {ms(self.t_attached)} ms, first token ready at {ms(self.t_first_ready)} ms, "
+            f"sent at {ms(self.t_first_sent)} ms"
+        )
 
     async def send(self, msg: object) -> None:
         if isinstance(msg, TokenChunk | FinalChunk) and msg.token_ids:
+            if not self.t_first_ready:
+                self.t_first_ready = time.perf_counter()
             await self._attached.wait()
             assert self.session is not None
             try:
@@ -112,6 +128,8 @@ class _MeteredStream(_Replay):
             except ChannelError as e:
                 raise StreamBroken(f"payment stopped: {e}") from e
             self.tokens += len(msg.token_ids)
+            if not self.t_first_sent:
+                self.t_first_sent = time.perf_counter()
         await self.inner.send(msg)
 
 
@@ -333,6 +351,9 @@ class WorkerRole:
             if failure:
                 raise failure[0]
             self.counters["served"] += 1
+            log.info(
+                "served %d tokens (%s)", metered.tokens, metered.timings(), extra={"peer_id": framed.peer_id}
+            )
         except (NodeError, trio.TooSlowError) as e:
             self.counters["aborted"] += 1
             log.info("generation ended early: %s", e, extra={"peer_id": framed.peer_id})
