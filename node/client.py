@@ -41,7 +41,7 @@ from overlay.errors import (
     TransportError,
 )
 from overlay.host import Overlay
-from overlay.streams import expect
+from overlay.streams import FramedStream, expect
 from ton.manager import PaymentManager
 from ton.metering import Prices
 
@@ -93,6 +93,8 @@ class ClientSettings:
     first_token_timeout: float = 60.0  # s to wait for a worker's first token
     token_timeout: float = 20.0  # s between tokens before the worker counts as dead
     match_ttl: float = 3.0  # s a proxy's match is reused (kept fresh in the background)
+    warm_streams: int = 2  # streams kept open ahead of time to the best matched workers
+    warm_ttl: float = 20.0  # s a pre-opened stream is used before it is replaced
 
 
 @attrs.define
@@ -144,6 +146,7 @@ class NetworkBackend:
         self._matches: dict[tuple[str, int, str], tuple[float, Match]] = {}
         self._recent: dict[tuple[str, int, str], float] = {}
         self._turn = 0
+        self._warm: dict[str, tuple[FramedStream, float]] = {}  # worker -> (stream, opened at)
         self.counters = dict.fromkeys(("completions", "failovers", "failed", "tokens", "spent"), 0)
 
     # ------------------------------------------------------------------ models
@@ -279,6 +282,33 @@ class NetworkBackend:
             self._matches[key] = (time.monotonic(), match)
         return match
 
+    async def _worker_stream(self, worker: str, addrs: tuple[str, ...]) -> FramedStream:
+        """A stream to ``worker``: one opened ahead of time if fresh, else a new one."""
+        warm = self._warm.pop(worker, None)
+        if warm is not None:
+            if time.monotonic() - warm[1] < self.settings.warm_ttl:
+                return warm[0]
+            await warm[0].reset()
+        return await self.overlay.open_stream(worker, GENERATE_SEALED, addrs=addrs)
+
+    async def _prewarm(self, match: Match) -> None:
+        """Open streams ahead of time to the best workers (a request then skips the stream set-up)."""
+        now = time.monotonic()
+        for worker, (stream, opened) in list(self._warm.items()):
+            if now - opened >= self.settings.warm_ttl:
+                del self._warm[worker]
+                await stream.reset()
+        for rec in match.offers[: self.settings.warm_streams]:
+            o = rec.body
+            if o.peer_id in self._warm:
+                continue
+            try:
+                stream = await self.overlay.open_stream(o.peer_id, GENERATE_SEALED, addrs=o.addrs)
+            except NodeError as e:
+                log.debug("could not pre-open a stream to %s: %s", o.peer_id, e)
+                continue
+            self._warm[o.peer_id] = (stream, time.monotonic())
+
     async def run_match_refresh(self) -> None:
         """Keep the matches of recently used models fresh, so a request rarely waits for a proxy."""
         while True:
@@ -302,6 +332,7 @@ class NetworkBackend:
                     self._matches.pop(key, None)
                     continue
                 self._matches[key] = (time.monotonic(), match)
+                await self._prewarm(match)
 
     async def _run_on(
         self,
@@ -330,7 +361,7 @@ class NetworkBackend:
             stop=req.stop,
             continuation=continuation,
         )
-        framed = await self.overlay.open_stream(o.peer_id, GENERATE_SEALED, addrs=o.addrs)
+        framed = await self._worker_stream(o.peer_id, o.addrs)
         sealed = SealedStream.client(framed, claims)  # type: ignore[arg-type]
         progress.mark("stream")
         delivered = 0
@@ -501,8 +532,10 @@ class ClientRole:
 
     def status_section(self) -> dict[str, object]:
         b = self.backend
+        d = b.directory if b else None
         return {
             "api": self.base_url + "/v1" if self.bound else "starting",
+            "proxies": [p.peer_id for p in d.proxies_for(d.overlay.peer_id)] if d else [],
             "min_tier": self.settings.min_tier,
             **(b.counters if b else {}),
         }

@@ -51,6 +51,7 @@ class NetworkContext:
         self._seeds: EpochSeeds | None = None
         self._stakes: ChainStakes | None = None
         self._payments: PaymentManager | None = None
+        self.wallet_balance = 0  # nanoTON on chain, refreshed every half minute
 
     @property
     def chain(self) -> ChainClient:
@@ -107,6 +108,7 @@ class NetworkContext:
             )  # fmt: skip
             await self._fund_devnet_wallet()
             balance = await self._chain.get_balance(self._payments.address)
+            self.wallet_balance = balance
             log.info("wallet %s holds %.3f TON", self._payments.address, balance / TON)
             async with trio.open_nursery() as nursery:
                 try:
@@ -116,7 +118,16 @@ class NetworkContext:
                     raise ChainError("the chain did not give the epoch seeds within 30 s") from e
                 await nursery.start(self._stakes.run)
                 await nursery.start(self._payments.run)
+                nursery.start_soon(self._watch_balance)
                 task_status.started()
+
+    async def _watch_balance(self) -> None:
+        while True:
+            await trio.sleep(30)
+            try:
+                self.wallet_balance = await self.chain.get_balance(self.payments.address)
+            except Exception as e:  # the chain is down for a moment: keep the last figure
+                log.debug("wallet balance: %s", e)
 
     async def action(self, name: str) -> str | None:
         """``settle``: close every payment channel cooperatively and report the payouts."""
@@ -130,6 +141,7 @@ class NetworkContext:
             n = await pm.close(peer)
             lines.append(f"closed {n} channel(s) with {peer}")
         balance = await self.chain.get_balance(pm.address)
+        self.wallet_balance = balance
         lines.append(f"wallet {pm.address} now holds {balance / TON:.6f} TON on chain")
         return "\n".join(lines)
 
@@ -140,6 +152,7 @@ class NetworkContext:
             "chain": self.cfg.chain.backend,
             "epoch": self.timings.clock().epoch_of(time.time()),
             "wallet": self._payments.address,
+            "wallet_balance_ton": round(self.wallet_balance / TON, 6),
         }
         section.update(self._payments.status_section())
         return section

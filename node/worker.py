@@ -29,6 +29,7 @@ from inference.engine import Engine, ModelInfo, error_code
 from inference.messages import FinalChunk, GenerateRequest, TokenChunk
 from inference.select import select_engine
 from inference.service import GenerationService
+from market.directory import Directory
 from market.pricing import PricingPolicy, WorkerProfile
 from market.service import WorkerLoadSample, WorkerService
 from node.tee import ReplayGuard, ReportProvider, SealedStream
@@ -153,6 +154,8 @@ class WorkerRole:
         self.floor = Prices(w.price_prompt, w.price_completion)
         self.counters = dict.fromkeys(("served", "refused", "aborted", "tokens"), 0)
         self.peer_id = ""
+        self.idle_stream_s = 60.0  # s an opened stream may wait for its request
+        self.directory: Directory | None = None
         self.decode_tok_s = 0.0
 
     # ------------------------------------------------------------------ start-up
@@ -241,7 +244,9 @@ class WorkerRole:
         )
         clock = self.timings.clock()
         raw = await self._rotate(clock.epoch_of(time.time()))
-        directory = make_directory(ov, app.identity, self.timings, self.ctx.seeds, self.ctx.stakes)
+        directory = self.directory = make_directory(
+            ov, app.identity, self.timings, self.ctx.seeds, self.ctx.stakes
+        )
         addrs = tuple(a.rsplit("/p2p/", 1)[0] for a in ov.listen_addrs())
         profile = WorkerProfile(
             app.peer_id,
@@ -295,7 +300,12 @@ class WorkerRole:
         assert self.generation is not None
         assert self.engine is not None
         try:
-            sealed = await SealedStream.accept(framed, self.provider.keys_for, replay=self.replay)
+            # Clients open streams ahead of time; one that stays silent this long is dropped.
+            with trio.fail_after(self.idle_stream_s):
+                sealed = await SealedStream.accept(framed, self.provider.keys_for, replay=self.replay)
+        except trio.TooSlowError:
+            await framed.reset()
+            return
         except (SealError, TransportError) as e:
             self.counters["refused"] += 1
             log.info("refused a stream: %s", e, extra={"peer_id": framed.peer_id})
@@ -393,5 +403,8 @@ class WorkerRole:
             "decode_tok_s": round(self.decode_tok_s, 1),
             "price_floor": f"{self.floor.prompt}/{self.floor.completion} nanoTON per prompt/completion token",
             "offers_published": self.market.published if self.market else 0,
+            "proxies": [p.peer_id for p in self.directory.proxies_for(self.peer_id)]
+            if self.directory
+            else [],
             **self.counters,
         }
