@@ -78,6 +78,8 @@ class OverlaySettings:
     publish_burst: int = 16  # publishes allowed back to back
     ban_after: int = 20  # REJECT points before a forwarder is blacklisted
     subscription_buffer: int = 4096  # messages held per subscription before dropping
+    low_watermark: int = 8  # connections: py-libp2p dials known peers when below (low+high)/2 ...
+    high_watermark: int = 24  # ... (its defaults, 100/300, make every node dial every peer it knows)
 
 
 @attrs.frozen
@@ -178,7 +180,13 @@ class Overlay:
             key_pair=kp,
             sec_opt={NOISE_ID: NoiseTransport(kp, noise_privkey=x25519_pair().private_key)},
             muxer_opt={TProtocol(YAMUX_ID): Yamux},
-            connection_config=ConnectionConfig(max_connections_per_peer=1),
+            connection_config=ConnectionConfig(
+                max_connections_per_peer=1,
+                min_connections=min(4, settings.low_watermark),
+                low_watermark=settings.low_watermark,
+                high_watermark=settings.high_watermark,
+                max_connections=max(settings.high_watermark * 4, 64),
+            ),
         )
         self._nursery: trio.Nursery | None = None
         self._dht: DhtFacade | None = None

@@ -10,7 +10,14 @@ Each one is named after its entry in ``shared/notes/libp2p.md``:
 - Signed peer records: gossipsub attaches the sender's signed peer record to
   every RPC and the receiver verifies its Ed25519 signature every time.  The
   record only changes when the sender's addresses do, so a verified
-  (peer, record) pair is remembered for 10 minutes.
+  (peer, record) pair is remembered for 10 minutes; and the sender's own
+  record (rebuilt from the listen sockets and re-serialised on every RPC) is
+  kept for 10 seconds.
+- yamux reads its ``PY_YAMUX_*`` tuning variables from the environment on
+  every read; they are read once.
+- pubsub reads each RPC's length prefix one byte per ``read`` call (each a trip
+  through noise and yamux); its streams are read through a per-stream buffer
+  instead (only pubsub's reader touches those streams).
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -26,6 +34,7 @@ __all__ = ["KAD_PROTOCOL", "apply_libp2p_fixes"]
 KAD_PROTOCOL = "/cocoon/kad/1.0.0"
 _RECORD_CACHE_SIZE = 4096
 _RECORD_CACHE_TTL_S = 600.0
+_OWN_RECORD_TTL_S = 10.0
 _applied = False
 
 
@@ -54,6 +63,68 @@ def _cached_record_consumer(original: Callable[..., bool]) -> Callable[..., bool
     return consume
 
 
+def _cached_own_record(original: Callable[..., tuple[bytes, bool]]) -> Callable[..., tuple[bytes, bool]]:
+    cache: dict[int, tuple[float, bytes]] = {}
+
+    def env_to_send(host: object) -> tuple[bytes, bool]:
+        now = time.monotonic()
+        hit = cache.get(id(host))
+        if hit is not None and now - hit[0] < _OWN_RECORD_TTL_S:
+            return hit[1], False
+        envelope, created = original(host)
+        cache[id(host)] = (now, envelope)
+        if len(cache) > _RECORD_CACHE_SIZE:
+            cache.clear()
+        return envelope, created
+
+    return env_to_send
+
+
+def _buffered_rpc_reader() -> Callable[..., object]:
+    from libp2p.exceptions import ParseError
+    from libp2p.io.exceptions import IncompleteReadError
+    from libp2p.io.exceptions import MessageTooLarge
+
+    buffers: weakref.WeakKeyDictionary[object, bytearray] = weakref.WeakKeyDictionary()
+
+    async def read_limited(reader: object, max_length: int) -> bytes:
+        if max_length <= 0:
+            raise ValueError("max_length must be greater than 0")
+        buf = buffers.get(reader)
+        if buf is None:
+            buf = buffers[reader] = bytearray()
+        length = -1
+        header = 0
+        while True:
+            if length < 0:
+                n = shift = 0
+                for i, b in enumerate(buf[:10]):
+                    n |= (b & 0x7F) << shift
+                    shift += 7
+                    if not b & 0x80:
+                        length, header = n, i + 1
+                        break
+                else:
+                    if len(buf) >= 10:
+                        raise ParseError("Varint decoding error: integer exceeds maximum size of 64 bits")
+                if length > max_length:
+                    raise MessageTooLarge(f"Message length {length} exceeds maximum allowed {max_length}")
+            if length >= 0 and len(buf) >= header + length:
+                out = bytes(buf[header : header + length])
+                del buf[: header + length]
+                return out
+            chunk = await reader.read(1 << 16)  # type: ignore[attr-defined]
+            if not chunk:
+                raise IncompleteReadError(
+                    "Stream ended inside an RPC",
+                    expected_bytes=max(length, 1),
+                    received_bytes=len(buf),
+                )
+            buf += chunk
+
+    return read_limited
+
+
 def apply_libp2p_fixes() -> None:
     """Apply every workaround (idempotent)."""
     global _applied
@@ -72,4 +143,24 @@ def apply_libp2p_fixes() -> None:
     consume = _cached_record_consumer(utils.maybe_consume_signed_record)
     for mod2 in (utils, pubsub, gossipsub):
         mod2.maybe_consume_signed_record = consume  # type: ignore[attr-defined]
+
+    from libp2p.peer import peerstore
+    from libp2p.stream_muxer.yamux import yamux
+
+    env_to_send = _cached_own_record(peerstore.env_to_send_in_RPC)
+    for mod3 in (peerstore, pubsub, gossipsub, kad_dht, peer_routing, provider_store, value_store):
+        if hasattr(mod3, "env_to_send_in_RPC"):
+            mod3.env_to_send_in_RPC = env_to_send  # type: ignore[attr-defined]
+
+    env_cache: dict[tuple[str, str], str] = {}
+    read_env = yamux._py_yamux_env
+
+    def yamux_env(name: str, default: str = "") -> str:
+        key = (name, default)
+        if key not in env_cache:
+            env_cache[key] = read_env(name, default)
+        return env_cache[key]
+
+    yamux._py_yamux_env = yamux_env
+    pubsub.read_varint_prefixed_bytes_limited = _buffered_rpc_reader()  # type: ignore[attr-defined,assignment]
     _applied = True
