@@ -55,6 +55,7 @@ class DhtFacade:
         from libp2p.records.validator import NamespacedValidator
 
         self.peer_id = peer_id
+        self.quorum = 2  # valid answers a get waits for (then the best of them wins); 0 waits for all
         self._validators: dict[str, object] = {}
         self._nsv = NamespacedValidator(self._validators, strict_validation=True)  # type: ignore[arg-type]
         self.kad = KadDHT(
@@ -115,7 +116,7 @@ class DhtFacade:
         self._check_namespace(key)
         try:
             with trio.fail_after(_QUERY_TIMEOUT_S):
-                value = await self.kad.get_value(key)
+                value = await self.kad.get_value(key, quorum=self.quorum)
         except trio.TooSlowError as e:
             raise OverlayError(f"DHT get {key!r} timed out") from e
         except Exception as e:
