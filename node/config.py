@@ -89,6 +89,8 @@ class ChainSection:
     backend: str = "local"  # local (embedded TVM chain) | ton (testnet/mainnet via lite servers)
     localchain: str = "127.0.0.1:4790"  # host:port of `cocoon-node localchain`
     global_config: str = ""  # path of a TON global config JSON (backend = ton)
+    wallet_version: str = "v5r1"  # v5r1 | v4r2: the node wallet (mnemonic in <data dir>/wallet.mnemonic)
+    network_id: int = -239  # TON global id the wallet signs for: -239 mainnet (and local), -3 testnet
 
 
 @attrs.frozen

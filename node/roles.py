@@ -15,9 +15,10 @@ from contextlib import AsyncExitStack
 import trio
 
 from market.directory import ProxyRef
-from overlay.errors import ChainError
+from overlay.errors import ChainError, ConfigError
 from ton.chain import ChainClient
 from ton.manager import PaymentManager
+from ton.wallets import WalletVersion, wallet_from_data_dir
 
 from .config import NodeConfig
 from .network import ChainStakes, EpochSeeds, NetworkTimings, open_chain, timings_for
@@ -99,7 +100,17 @@ class NetworkContext:
             self._chain = await stack.enter_async_context(open_chain(self.cfg))
             self._seeds = EpochSeeds(self._chain, self.timings.clock())
             self._stakes = ChainStakes(self._chain)
-            self._payments = PaymentManager.from_data_dir(app.overlay, self._chain, self.cfg.data_dir)
+            c = self.cfg.chain
+            try:
+                version = WalletVersion(c.wallet_version)
+            except ValueError as e:
+                raise ConfigError(
+                    f"chain.wallet_version must be v5r1 or v4r2, not {c.wallet_version!r}"
+                ) from e
+            wallet = wallet_from_data_dir(self.cfg.data_dir, version, c.network_id)
+            self._payments = PaymentManager.from_data_dir(
+                app.overlay, self._chain, self.cfg.data_dir, wallet=wallet
+            )
             stack.callback(self._payments.close_store)
             payments = self._payments
             app.metrics.collector(
