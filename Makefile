@@ -1,6 +1,6 @@
 # cocoon-node: `make demo` runs a local network end to end; `make test` runs every check.
 SHELL := /bin/bash
-PYTHON ?= python3.11
+PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -22,7 +22,7 @@ sysdeps:
 	fi
 
 $(STAMP): pyproject.toml | sysdeps
-	@command -v $(PYTHON) >/dev/null || { echo "need Python 3.11 ($(PYTHON) not found); set PYTHON=..."; exit 1; }
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' || { echo "need Python 3.11 (pytvm has wheels up to 3.11); set PYTHON=/path/to/python3.11"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# torch first, pinned: 2.13.0 resolves to the CPU wheel; anything looser pulls a multi-GB CUDA build.
