@@ -116,6 +116,7 @@ class WorkerService:
         self.topic = offer_topic(profile.model_id)
         self.published = 0
         self.heartbeats_acked = 0
+        self._acked = trio.Event()  # set (and replaced) at every acknowledged heartbeat
         self._rtt_ms: dict[str, float] = {}
         self._wake = trio.Event()
 
@@ -167,6 +168,11 @@ class WorkerService:
         body = self.publisher.withdraw(self.clock())
         await self.overlay.publish(self.topic, wire.encode(sign_offer(self.identity, body)))
 
+    async def wait_heartbeats_acked(self, n: int = 1) -> None:
+        """Wait until proxies acknowledged ``n`` heartbeats in all (bound it with trio.fail_after)."""
+        while self.heartbeats_acked < n:
+            await self._acked.wait()
+
     def nudge(self) -> None:
         """Check the price now (the engine's load changed a lot)."""
         self._wake.set()
@@ -185,13 +191,20 @@ class WorkerService:
                 self._wake = trio.Event()
 
     async def _heartbeats(self) -> None:
-        """Keep one heartbeat stream to each of our proxies; re-pick them when the set changes."""
+        """Keep one heartbeat stream to each of our proxies; re-pick them when the set changes.
+
+        Around epoch boundaries that includes the outgoing and incoming proxies
+        (:meth:`Directory.handover_proxies`), so the new ones know our load when their epoch begins.
+        """
         running: dict[str, trio.CancelScope] = {}
         async with trio.open_nursery() as nursery:
             while True:
+                changed = self.directory.changed
                 wanted = {
                     p.peer_id: p
-                    for p in self.directory.proxies_for(self.identity.peer_id, self.settings.proxies_per_node)
+                    for p in self.directory.handover_proxies(
+                        self.identity.peer_id, self.settings.proxies_per_node
+                    )
                 }
                 for peer in [p for p in running if p not in wanted]:
                     running.pop(peer).cancel()
@@ -200,7 +213,8 @@ class WorkerService:
                         scope = trio.CancelScope()
                         running[peer] = scope
                         nursery.start_soon(self._heartbeat_one, ref.peer_id, ref.addrs, scope, running)
-                await trio.sleep(self.settings.tick)
+                with trio.move_on_after(self.settings.tick):
+                    await changed.wait()  # a new epoch or new candidacies: look again at once
 
     async def _heartbeat_one(
         self, peer: str, addrs: tuple[str, ...], scope: trio.CancelScope, running: dict[str, trio.CancelScope]
@@ -222,6 +236,8 @@ class WorkerService:
                         if ack.seqno == seqno:
                             self._rtt_ms[peer] = (trio.current_time() - sent) * 1000
                             self.heartbeats_acked += 1
+                            self._acked.set()
+                            self._acked = trio.Event()
                         await trio.sleep(self.settings.heartbeat)
                 finally:
                     await stream.aclose()

@@ -164,34 +164,40 @@ async def test_proxies_are_elected_offers_flow_and_clients_get_matches(
                     await ov.wait_topic_peers(CANDIDACY_TOPIC, 1)
                 for d in dirs.values():
                     await d.wait_until(_has_elected(d))
-            sets = {tuple(p.peer_id for p in d.elected()) for d in dirs.values()}
+            now = time.time()
+            sets = {tuple(p.peer_id for p in d.elected(now)) for d in dirs.values()}
             assert len(sets) == 1, sets
             (elected,) = sets
             assert len(elected) == 2
             assert set(elected) <= {ov.peer_id for ov in cand_ovs}
 
-            # Every worker's offer reaches the elected proxies' books.
+            # Every worker's offer reaches every proxy's book.  Epochs last 4 s and each elects
+            # 2 of the 3 candidates afresh, so any of them may be a client's proxy later on.
             worker_ids = {ov.peer_id for ov in worker_ovs}
             with trio.fail_after(30):
-                for pid in elected:
-                    await proxies[pid].wait_until(_holds_offers_of(proxies[pid], worker_ids))
-            # Heartbeats: each worker heartbeats its proxies among the elected ones.
+                for p in proxies.values():
+                    await p.wait_until(_holds_offers_of(p, worker_ids))
+            # Heartbeats: each worker heartbeats its proxies among the elected ones, and they answer.
             with trio.fail_after(20):
-                for ov in worker_ovs:
+                for w, ov in zip(workers, worker_ovs, strict=True):
                     mine = [p for p in dirs[ov.peer_id].proxies_for(ov.peer_id) if p.peer_id in proxies]
                     await proxies[mine[0].peer_id].wait_until(
                         _has_load_of(proxies[mine[0].peer_id], ov.peer_id)
                     )
-            assert all(w.heartbeats_acked > 0 for w in workers)
+                    await w.wait_heartbeats_acked()
 
             # Both clients get matches from their proxy, checked by the client itself.
             for ov in client_ovs:
                 client = MarketClient(ov, dirs[ov.peer_id], settings=SETTINGS)
+                first = clock.epoch_of(time.time())
                 with trio.fail_after(15):
                     match = await client.match(
                         MODEL, max_price_prompt=10_000, max_price_completion=10_000, count=6
                     )
-                assert match.proxy in elected
+                # The proxy was elected for an epoch during the call (the set may have rotated).
+                seen = dirs[ov.peer_id].view
+                during = range(first, clock.epoch_of(time.time()) + 1)
+                assert match.proxy in {p.peer_id for e in during for p in seen.proxies(e)}
                 assert {r.body.peer_id for r in match.offers} <= worker_ids
                 assert len(match.offers) >= 3
                 stats = await client.stats(MODEL)
