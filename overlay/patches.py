@@ -82,8 +82,7 @@ def _cached_own_record(original: Callable[..., tuple[bytes, bool]]) -> Callable[
 
 def _buffered_rpc_reader() -> Callable[..., object]:
     from libp2p.exceptions import ParseError
-    from libp2p.io.exceptions import IncompleteReadError
-    from libp2p.io.exceptions import MessageTooLarge
+    from libp2p.io.exceptions import IncompleteReadError, MessageTooLarge
 
     buffers: weakref.WeakKeyDictionary[object, bytearray] = weakref.WeakKeyDictionary()
 
