@@ -112,13 +112,15 @@ async def _run(
     n, rate, t0 = int(cmd["n"]), float(cmd["rate"]), float(cmd["t0"])
     total, first = int(cmd["total"]), int(cmd["first"])
     latencies: list[float] = []
+    per_publisher: dict[int, int] = {}
 
     async def drain(node: Overlay, sub: Any) -> None:
         async for msg in sub:
             if msg.origin == node.peer_id:
                 continue
-            (sent_at,) = struct.unpack(">d", msg.data[:8])
+            sent_at, idx = struct.unpack(">dI", msg.data[:12])
             latencies.append(time.time() - sent_at)
+            per_publisher[idx % total] = per_publisher.get(idx % total, 0) + 1
 
     async with trio.open_nursery() as drains:
         for node, sub in zip(nodes, subs, strict=True):
@@ -133,11 +135,11 @@ async def _run(
             delay = t0 + i / rate - time.time()
             if delay > 0:
                 await trio.sleep(delay)
-            await publisher.publish(str(cmd["topic"]), struct.pack(">d", time.time()) + bytes(248))
+            await publisher.publish(str(cmd["topic"]), struct.pack(">dI", time.time(), i) + bytes(244))
         await trio.sleep(max(0.0, t0 + n / rate + 8 - time.time()))  # stragglers
         cpu = time.process_time() - cpu0
         drains.cancel_scope.cancel()
-    return {"latencies": latencies, "cpu": cpu, "copies": copies[0]}
+    return {"latencies": latencies, "cpu": cpu, "copies": copies[0], "per_publisher": per_publisher}
 
 
 # ----------------------------------------------------------------------------- parent
@@ -208,6 +210,14 @@ class ProcNet:
         def pct(p: float) -> float:
             return lat[min(len(lat) - 1, round(p / 100 * (len(lat) - 1)))] * 1000 if lat else float("nan")
 
+        per: dict[int, int] = {}
+        for r in results:
+            for k, v in r["per_publisher"].items():
+                per[int(k)] = per.get(int(k), 0) + v
+        short = {k: v for k, v in per.items() if v < (n // self.total) * (self.total - 1)}
+        missing = [k for k in range(self.total) if k not in per]
+        if short or missing:
+            print(f"  publishers under-delivered {short}, never delivered {missing}", flush=True)
         return {
             "delivery": len(lat) / expected,
             "p50_ms": pct(50),

@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -84,14 +83,15 @@ def _buffered_rpc_reader() -> Callable[..., object]:
     from libp2p.exceptions import ParseError
     from libp2p.io.exceptions import IncompleteReadError, MessageTooLarge
 
-    buffers: weakref.WeakKeyDictionary[object, bytearray] = weakref.WeakKeyDictionary()
-
     async def read_limited(reader: object, max_length: int) -> bytes:
         if max_length <= 0:
             raise ValueError("max_length must be greater than 0")
-        buf = buffers.get(reader)
+        # The buffer lives on the stream object itself: streams may compare equal to each
+        # other (py-libp2p defines equality on them), so a dict keyed by stream would mix them.
+        buf: bytearray | None = getattr(reader, "_cocoon_rpc_buffer", None)
         if buf is None:
-            buf = buffers[reader] = bytearray()
+            buf = bytearray()
+            reader._cocoon_rpc_buffer = buf  # type: ignore[attr-defined]
         length = -1
         header = 0
         while True:
@@ -161,5 +161,6 @@ def apply_libp2p_fixes() -> None:
         return env_cache[key]
 
     yamux._py_yamux_env = yamux_env
-    pubsub.read_varint_prefixed_bytes_limited = _buffered_rpc_reader()  # type: ignore[attr-defined,assignment]
+    if not os.environ.get("COCOON_NO_RPC_BUFFER"):
+        pubsub.read_varint_prefixed_bytes_limited = _buffered_rpc_reader()  # type: ignore[attr-defined,assignment]
     _applied = True
