@@ -197,6 +197,7 @@ class Overlay:
         self._counts = {"published": 0, "received": 0, "rejected": 0, "ignored": 0, "dropped": 0}
         self._peers_changed = trio.Event()
         self._topics_changed = trio.Event()
+        self._counts_changed = trio.Event()
         self._host.get_network().register_notifee(_PeerNotifee(self._on_peers_changed))
 
     # ------------------------------------------------------------------ addresses and peers
@@ -426,6 +427,7 @@ class Overlay:
                 verdict = Validation.REJECT
             if verdict is Validation.ACCEPT:
                 return True
+            self._counted()
             fwd = str(forwarder)
             if verdict is Validation.REJECT:
                 self._counts["rejected"] += 1
@@ -449,6 +451,7 @@ class Overlay:
                     return
                 gm = GossipMessage(topic, str(ID(msg.from_id)), bytes(msg.data), bytes(msg.seqno))
                 self._counts["received"] += 1
+                self._counted()
                 try:
                     send.send_nowait(gm)
                 except trio.WouldBlock:
@@ -456,6 +459,16 @@ class Overlay:
                     log.warning("subscription %s is not drained; dropping a message", topic)
 
     # ------------------------------------------------------------------ misc
+
+    def _counted(self) -> None:
+        self._counts_changed.set()
+        self._counts_changed = trio.Event()
+
+    async def wait_statistics(self, ready: Callable[[OverlayStats], bool]) -> OverlayStats:
+        """Wait until the gossip counters satisfy ``ready`` (bound it with trio.fail_after)."""
+        while not ready(st := self.statistics()):
+            await self._counts_changed.wait()
+        return st
 
     def statistics(self) -> OverlayStats:
         return OverlayStats(

@@ -18,6 +18,12 @@ Each one is named after its entry in ``shared/notes/libp2p.md``:
 - pubsub reads each RPC's length prefix one byte per ``read`` call (each a trip
   through noise and yamux); its streams are read through a per-stream buffer
   instead (only pubsub's reader touches those streams).
+- Our own publishes with a thin mesh: gossipsub sends a message only to its mesh
+  peers for a subscribed topic, and the mesh is empty until a heartbeat grafts
+  (and thin after churn), so a message published right after joining went to
+  nobody and IHAVE gossip never repaired it (the peer joined the mesh later).
+  Like go-libp2p's flood publishing, but bounded: our own messages also go to
+  other known topic peers until D peers get them.
 """
 
 from __future__ import annotations
@@ -26,7 +32,8 @@ import hashlib
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 __all__ = ["KAD_PROTOCOL", "apply_libp2p_fixes"]
 
@@ -124,6 +131,31 @@ def _buffered_rpc_reader() -> Callable[..., object]:
     return read_limited
 
 
+def _publish_to_d_peers(original: Callable[..., Iterable[object]]) -> Callable[..., Iterator[object]]:
+    def peers_to_send(
+        self: Any,
+        topic_ids: Iterable[str],
+        msg_forwarder: object,
+        origin: object,
+        msg_id: bytes | None = None,
+    ) -> Iterator[object]:
+        topics = list(topic_ids)
+        out = set(original(self, topics, msg_forwarder, origin, msg_id))
+        pubsub = self.pubsub
+        if pubsub is not None and origin == pubsub.my_id:
+            for topic in topics:
+                mesh = self.mesh.get(topic)
+                if mesh is None or len(mesh) >= self.degree or topic not in pubsub.peer_topics:
+                    continue
+                extra = self._get_in_topic_gossipsub_peers_from_minus(
+                    topic, self.degree - len(mesh), set(mesh) | {origin}
+                )
+                out.update(p for p in extra if p != msg_forwarder)
+        yield from out
+
+    return peers_to_send
+
+
 def apply_libp2p_fixes() -> None:
     """Apply every workaround (idempotent)."""
     global _applied
@@ -163,4 +195,7 @@ def apply_libp2p_fixes() -> None:
     yamux._py_yamux_env = yamux_env
     if not os.environ.get("COCOON_NO_RPC_BUFFER"):
         pubsub.read_varint_prefixed_bytes_limited = _buffered_rpc_reader()  # type: ignore[attr-defined,assignment]
+    gossipsub.GossipSub._get_peers_to_send = _publish_to_d_peers(  # type: ignore[method-assign,assignment]
+        gossipsub.GossipSub._get_peers_to_send
+    )
     _applied = True
