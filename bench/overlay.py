@@ -208,7 +208,7 @@ async def dht_gets(nodes: list[Overlay], n_keys: int, rng: random.Random) -> dic
 # ----------------------------------------------------------------------------- main
 
 
-RATES = (20.0, 30.0, 40.0, 60.0, 80.0)
+RATES = (12.0, 15.0, 20.0, 25.0, 30.0, 40.0, 60.0, 80.0)
 
 
 def _gossip_in_processes(
