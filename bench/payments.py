@@ -131,7 +131,7 @@ def metering_cpu_share(tokens: int = 20_000, streams: int = 50) -> tuple[float, 
 
 
 async def _streams(
-    metered: bool, d: Path, seconds: float, streams: int, rate: float
+    metered: bool, d: Path, seconds: float, streams: int, rate: float, cfg: MeterConfig | None = None
 ) -> tuple[float, int, int]:
     """``streams`` generations at ``rate`` tokens/s each, one token per chunk, for ``seconds``
     (virtual time: run under trio's MockClock); returns (CPU seconds, tokens, states signed).
@@ -150,7 +150,7 @@ async def _streams(
         cs, ws_ = FramedStream(x, peer_id="c"), FramedStream(y, peer_id="w")
         sid = os.urandom(16)
         om = SessionOpen(sid, b"o", a.cid, DEFAULT_PRICES.prompt, DEFAULT_PRICES.completion, 50, 10**6)
-        ps = PayerSession(cs, pay_ch, om, KB.public)
+        ps = PayerSession(cs, pay_ch, om, KB.public, cfg)
         ws = WorkerSession(ws_, recv_ch, KB)
 
         async def worker() -> None:
@@ -200,7 +200,11 @@ async def _streams(
 
 
 def full_path_share(
-    seconds: float = 3.0, streams: int = 20, rate: float = 50.0, rounds: int = 5
+    seconds: float = 3.0,
+    streams: int = 20,
+    rate: float = 50.0,
+    rounds: int = 5,
+    cfg: MeterConfig | None = None,
 ) -> tuple[float, float, float]:
     """CPU seconds per token (baseline, metered; both sides) and states per 1,000 tokens.
     Baseline and metered runs alternate ``rounds`` times; the least CPU of each counts (the
@@ -212,7 +216,7 @@ def full_path_share(
         for _ in range(rounds):
             for on, out in ((False, base), (True, metered)):
                 cpu, n, states = trio.run(
-                    _streams, on, Path(d), seconds, streams, rate, clock=MockClock(autojump_threshold=0)
+                    _streams, on, Path(d), seconds, streams, rate, cfg, clock=MockClock(autojump_threshold=0)
                 )
                 out.append(cpu / n)
                 if on:
@@ -305,13 +309,19 @@ def main() -> None:
     worker_share, client_share = metering_cpu_share()
     rows.append(("metering CPU share of one core at 1,000 tokens/s: worker", f"{worker_share:.2%}", "<= 1%"))
     rows.append(("metering CPU share of one core at 1,000 tokens/s: client", f"{client_share:.2%}", "<= 1%"))
-    base, metered, per_k = full_path_share()
     us = "us of CPU per token, both sides"
-    rows.append(("20 streams x 50 tokens/s, trio path, no payments (baseline)", f"{base * 1e6:.1f}", us))
-    rows.append(("20 streams x 50 tokens/s, trio path, metered and paid", f"{metered * 1e6:.1f}", us))
-    rows.append(("  signed states per 1,000 tokens (32 tokens or 0.5 s)", f"{per_k:.1f}", ""))
-    share = (metered - base) / 2 * 1000  # CPU seconds per second at 1,000 tokens/s, one side
-    rows.append(("  metering share of one core at 1,000 tokens/s, per side", f"{share:.2%}", "<= 1%"))
+    for seconds, label, cfg in (
+        (3.0, "150-token sessions", None),
+        (10.0, "500-token sessions", None),
+        (3.0, "150-token sessions, a state per payment", MeterConfig(coalesce_window=0.0)),
+    ):
+        base, metered, per_k = full_path_share(seconds, cfg=cfg)
+        rows.append((f"20 streams x 50 tokens/s, {label}", "", ""))
+        rows.append(("  trio path, no payments (baseline)", f"{base * 1e6:.1f}", us))
+        rows.append(("  trio path, metered and paid", f"{metered * 1e6:.1f}", us))
+        rows.append(("  signed states per 1,000 tokens", f"{per_k:.1f}", "32 tokens or 0.5 s per session"))
+        share = (metered - base) / 2 * 1000  # CPU seconds per second at 1,000 tokens/s, one side
+        rows.append(("  metering share of one core at 1,000 tokens/s, per side", f"{share:.2%}", "<= 1%"))
     policy = SettlementPolicy()
     commits, revenue = ops_per_million(policy)
     rows.append(("on-chain commits per 1M completion tokens (default policy)", str(commits), "<= 2"))

@@ -22,6 +22,7 @@ Cores take ``now`` and never read a clock.
 from __future__ import annotations
 
 import hashlib
+import math
 import struct
 from collections.abc import Sequence
 
@@ -77,6 +78,10 @@ class MeterConfig:
     pause_timeout: float = 5.0  # seconds paused without payment before the worker aborts
     idle_timeout: float = 10.0  # seconds without a token before the payer aborts
     receipt_slack: int = 2  # a receipt may overtake its tokens by max(slack, 1 %, credit window)
+    # Seconds a payer's shell waits to put the payments of several sessions on one channel into
+    # one signed state (0: a state per payment). With it on, the time rule fires on a grid of
+    # ``pay_every_seconds`` shared by every session, so their payments fall into one window.
+    coalesce_window: float = 0.05
 
 
 @attrs.frozen
@@ -282,9 +287,18 @@ class PayerMeter:
             if out:  # the receipt did not match: aborted
                 return out
         unpaid = self.received - self.paid_tokens
-        if unpaid >= self.cfg.pay_every_tokens or now - self.last_pay_at >= self.cfg.pay_every_seconds:
+        if unpaid >= self.cfg.pay_every_tokens or now >= self.time_due():
             out += self._pay(now)
         return out
+
+    def time_due(self) -> float:
+        """When the time rule next pays: ``pay_every_seconds`` after the last payment, or, when
+        payments are coalesced, the first grid point (multiple of ``pay_every_seconds``) after
+        it: never later, and every session of a shell reaches it together."""
+        every = self.cfg.pay_every_seconds
+        if self.cfg.coalesce_window > 0 and every > 0:
+            return (math.floor(self.last_pay_at / every) + 1) * every
+        return self.last_pay_at + every
 
     def next_deadline(self) -> float:
         """When :meth:`tick` may next have something to do (a shell sleeps until then): paying

@@ -15,11 +15,19 @@ cumulative states out of order (state n+1 for session 2 before state n for sessi
 shell keeps a per-channel *pool*: what newer states added and no session has claimed yet. A
 session payment claims its increase from the pool; a late earlier state adds nothing but is
 still checked. The payee thus never credits a session with money the channel did not receive.
+
+Payments of several sessions on one channel share signed states: the payer's meters fire their
+time rule on a common grid, ``run_receipts`` sends what they decide from a background task (the
+token path never waits for a signature or an fsync), and :meth:`ChannelShell.pay_shared` puts
+every payment asked for within ``MeterConfig.coalesce_window`` into one state. Each session still
+sends its own SessionPayment (with the shared state); the payee checks the state once and each
+session claims its part from the pool. The prompt's prepayment and the closing payment never wait.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Callable, Sequence
 
 import trio
@@ -52,6 +60,7 @@ class ChannelShell:
         self.writer = writer or DurableWriter(store)  # share one per store: grouped commits
         self.lock = trio.Lock()
         self.pool = 0  # nanoTON received on this channel that no session has claimed yet
+        self._batch: _Batch | None = None  # payments waiting to share one state
 
     async def _apply(self, effects: Sequence[object]) -> tuple[list[object], int]:
         out: list[object] = []
@@ -82,6 +91,40 @@ class ChannelShell:
         assert isinstance(send, Send)
         assert isinstance(send.msg, PayState)
         return send.msg
+
+    async def pay_shared(self, amount: int, window: float) -> PayState:
+        """Pay ``amount`` in one state with every other payment asked for on this channel within
+        ``window`` seconds: one signature and one fsync here, one check at the payee, for all
+        of them. ``window`` 0: a state of its own. A caller cancelled before the state is signed
+        takes its amount back out; each caller still sends its own SessionPayment."""
+        if window <= 0:
+            return await self.pay(amount)
+        batch = self._batch
+        if batch is None or batch.flushed:
+            batch = self._batch = _Batch(trio.current_time() + window)
+        batch.amount += amount
+        try:
+            with trio.move_on_at(batch.deadline):
+                await batch.done.wait()
+        except BaseException:
+            if not batch.flushed:
+                batch.amount -= amount
+            raise
+        if not batch.flushed:  # the window is over and nobody took the batch yet: we pay it
+            batch.flushed = True
+            try:
+                batch.state = await self.pay(batch.amount)
+            except BaseException as e:
+                batch.error = e
+                raise
+            finally:
+                batch.done.set()
+        await batch.done.wait()
+        if batch.state is None:
+            raise ChannelError(f"the shared payment state was not signed: {batch.error!r}") from (
+                batch.error if isinstance(batch.error, Exception) else None
+            )
+        return batch.state
 
     async def receive(self, st: PayState) -> int:
         async with self.lock:
@@ -116,6 +159,26 @@ class ChannelShell:
         return [e for e in effects if isinstance(e, Submit)]
 
 
+class _Batch:
+    """Payments on one channel that will share one signed state."""
+
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline
+        self.amount = 0
+        self.flushed = False  # taken by the caller that signs it: no one joins or leaves
+        self.done = trio.Event()
+        self.state: PayState | None = None
+        self.error: BaseException | None = None
+
+
+class _Queued:
+    """A payment the meter decided on; its state once signed (so a retry resends, never re-pays)."""
+
+    def __init__(self, pay: PayFor) -> None:
+        self.pay = pay
+        self.state: PayState | None = None
+
+
 class PayerSession:
     """The client (or proxy) side of one metered session."""
 
@@ -138,41 +201,55 @@ class PayerSession:
         )
         self.receipts: list[Receipt] = []
         self.aborted: str = ""
-        self._pay_lock = trio.Lock()  # meter decisions go out in the order they were taken
+        self.cfg = cfg or MeterConfig()
+        self._pay_lock = trio.Lock()  # payments go out in the order the meter decided them
+        self._queue: deque[_Queued] = deque()
+        self._sender_wake: trio.Event | None = None  # set while run_receipts pays in the background
 
     async def start(self) -> SessionAccept:
         await self.stream.send(self.open_msg)
         msg = await self.stream.receive()
         accept = expect(SessionAccept, msg)
-        await self._pay(self.meter.open())
+        await self._submit([self.meter.open()], window=0.0)  # the prompt gates prefill: no wait
         return accept
 
-    async def _pay(self, p: PayFor) -> None:
-        if p.amount <= 0:
-            return
-        st = await self.channel.pay(p.amount)
-        await self.stream.send(SessionPayment(self.open_msg.session_id, p.tokens, p.total, st))
-
-    async def _handle(self, effects: list[PayFor | Abort]) -> None:
+    async def _submit(self, effects: Sequence[PayFor | Abort], *, window: float | None = None) -> None:
+        """Queue the meter's decisions in order; pay them here, or wake the background sender."""
         for e in effects:
             if isinstance(e, Abort):
                 self.aborted = e.reason
                 raise SessionAborted(e.reason)
-            await self._pay(e)
+            if e.amount > 0:
+                self._queue.append(_Queued(e))
+        if self._sender_wake is not None and window is None:
+            self._sender_wake.set()
+        else:
+            await self._pay_queued(0.0 if window is None else window)  # inline: never hold tokens
+
+    async def _pay_queued(self, window: float) -> None:
+        async with self._pay_lock:
+            while self._queue:
+                q = self._queue[0]
+                if q.state is None:
+                    q.state = await self.channel.pay_shared(q.pay.amount, window)
+                sid = self.open_msg.session_id
+                await self.stream.send(SessionPayment(sid, q.pay.tokens, q.pay.total, q.state))
+                self._queue.popleft()
 
     async def received(self, token_ids: list[int]) -> None:
-        """Call for each chunk of tokens that arrived; pays when the meter says so."""
-        # Decide first, lock only to act: the lock is FIFO, so decisions go out in order.
+        """Call for each chunk of tokens that arrived. Payments the meter decides on go out from
+        ``run_receipts``'s sender when it runs (the token path never waits for a signature or
+        an fsync), else here."""
         effects = self.meter.on_tokens(token_ids, self.clock())
         if effects:
-            async with self._pay_lock:
-                await self._handle(effects)
+            await self._submit(effects)
 
     async def run_receipts(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Read receipts until the stream ends; tick the meter meanwhile."""
-        task_status.started()
+        """Read receipts until the stream ends; tick the meter and send payments meanwhile."""
         async with trio.open_nursery() as nursery:
+            await nursery.start(self._sender)
             nursery.start_soon(self._ticker)
+            task_status.started()
             while True:
                 msg = await self.stream.receive()
                 if msg is None:
@@ -180,25 +257,34 @@ class PayerSession:
                 r = expect(Receipt, msg)
                 effects = self.meter.on_receipt(r)
                 if effects:
-                    async with self._pay_lock:
-                        await self._handle(effects)
+                    await self._submit(effects)
                 self.receipts.append(r)
                 if r.final:
                     break
             nursery.cancel_scope.cancel()
+
+    async def _sender(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        wake = self._sender_wake = trio.Event()
+        task_status.started()
+        try:
+            while True:
+                await wake.wait()
+                wake = self._sender_wake = trio.Event()
+                await self._pay_queued(self.cfg.coalesce_window)
+        finally:
+            self._sender_wake = None
 
     async def _ticker(self) -> None:
         while True:
             await trio.sleep(max(TICK, self.meter.next_deadline() - self.clock()))
             effects = self.meter.tick(self.clock())
             if effects:
-                async with self._pay_lock:
-                    await self._handle(effects)
+                await self._submit(effects)
 
     async def close(self) -> None:
-        """Pay for every token received, then end the session."""
-        async with self._pay_lock:
-            await self._handle(self.meter.close(self.clock()))
+        """Pay for every token received (what is queued first), then end the session."""
+        effects = self.meter.close(self.clock())
+        await self._submit(effects, window=0.0)
         await self.stream.send(SessionClose(self.open_msg.session_id, "done"))
 
 

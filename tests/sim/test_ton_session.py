@@ -9,14 +9,16 @@ from pathlib import Path
 import attrs
 import pytest
 import trio
+from trio.testing import MockClock
 
+from overlay.errors import ChannelError, InsufficientFunds
 from overlay.streams import FramedStream, memory_stream_pair
 from ton import contract as C
 from ton.channel import BadSignature, Channel, Persist, Send, Submit
 from ton.keys import KeyPair
 from ton.localchain import LocalChain
 from ton.localservice import LocalChainService
-from ton.messages import PayState, SessionOpen
+from ton.messages import PayState, SessionOpen, SessionPayment
 from ton.metering import MeterConfig, MeteringError, Prices
 from ton.onchain import ChannelOps
 from ton.session import ChannelShell, PayerSession, SessionAborted, WorkerSession, forward_session
@@ -279,3 +281,127 @@ async def test_concurrent_sessions_on_one_channel_are_each_paid_exactly() -> Non
     for k, (_, ws) in enumerate(results):
         assert ws.meter is not None
         assert ws.meter.paid_amount == prices.cost(20, 100 + 37 * k)
+
+
+async def test_payments_within_the_window_share_one_signed_state(autojump_clock: MockClock) -> None:
+    client_ch, worker_ch = funded(11, KC, KW)
+    seqno = client_ch.core.r.own_seqno
+    states: list[PayState] = []
+
+    async def pay(amount: int) -> None:
+        states.append(await client_ch.pay_shared(amount, 0.05))
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as n:
+            for amount in (1000, 2000, 3000):
+                n.start_soon(pay, amount)
+    assert len(states) == 3
+    assert states[0] == states[1] == states[2]
+    assert client_ch.core.r.own_seqno == seqno + 1
+    assert client_ch.core.r.own_sent == 6000
+    # the payee checks the shared state once; each session claims its own part of it
+    assert await worker_ch.receive_payment(states[0]) == 6000
+    assert await worker_ch.receive_payment(states[1]) == 0
+    assert await worker_ch.receive_payment(states[2]) == 0
+    for amount in (1000, 2000, 3000):
+        worker_ch.claim(amount)
+    assert worker_ch.pool == 0
+    with pytest.raises(MeteringError):
+        worker_ch.claim(1)
+
+
+async def test_a_payment_cancelled_in_the_window_takes_its_amount_back(autojump_clock: MockClock) -> None:
+    client_ch, _ = funded(12, KC, KW)
+    got: list[PayState] = []
+
+    async def pay(amount: int) -> None:
+        got.append(await client_ch.pay_shared(amount, 0.05))
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as n:
+            n.start_soon(pay, 1000)
+            with trio.CancelScope() as cancelled:
+                n.start_soon(lambda: _cancel_soon(cancelled))
+                await client_ch.pay_shared(5000, 0.05)
+    assert cancelled.cancelled_caught
+    (st,) = got
+    assert st.sent == client_ch.core.r.own_sent == 1000  # the cancelled 5000 was never signed
+
+
+async def _cancel_soon(scope: trio.CancelScope) -> None:
+    await trio.sleep(0.01)
+    scope.cancel()
+
+
+async def test_a_failed_shared_payment_fails_every_member_and_signs_nothing(
+    autojump_clock: MockClock,
+) -> None:
+    client_ch, _ = funded(13, KC, KW, deposit=10_000)
+    seqno = client_ch.core.r.own_seqno
+    errors: list[Exception] = []
+
+    async def pay(amount: int) -> None:
+        try:
+            await client_ch.pay_shared(amount, 0.05)
+        except ChannelError as e:
+            errors.append(e)
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as n:
+            n.start_soon(pay, 6000)
+            n.start_soon(pay, 6000)  # together more than the deposit
+    assert len(errors) == 2
+    assert any(isinstance(e, InsufficientFunds) for e in errors)
+    assert client_ch.core.r.own_seqno == seqno
+    assert client_ch.core.r.own_sent == 0
+
+
+async def test_paced_sessions_coalesce_their_payments_and_are_paid_exactly(autojump_clock: MockClock) -> None:
+    """Six sessions at 50 tokens/s for 3 s (virtual time) on one channel: the time rule fires on
+    a shared grid, so a handful of states carries every session's payments; each is exact."""
+    prices = Prices(3, 1000)
+    client_ch, worker_ch = funded(14, KC, KW)
+    sessions: list[tuple[PayerSession, WorkerSession, int]] = []
+    payments = [0]
+
+    class Counting(FramedStream):
+        async def send(self, msg: object) -> None:
+            if isinstance(msg, SessionPayment):
+                payments[0] += 1
+            await super().send(msg)
+
+    async def paced_worker(ws: WorkerSession, out: trio.MemorySendChannel[list[int]], k: int) -> None:
+        await ws.accept()
+        async with trio.open_nursery() as n:
+            await n.start(ws.run_payments)
+            async with out:
+                await trio.sleep(k / 300)  # staggered starts
+                for i in range(150):
+                    await ws.produced([i])
+                    await out.send([i])
+                    await trio.sleep(0.02)
+            await ws.finish()
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as n:
+            for k in range(6):
+                x, y = memory_stream_pair()
+                sid = bytes([k + 1]) * 16
+                cid = (14).to_bytes(16, "big")
+                om = SessionOpen(sid, b"o", cid, prices.prompt, prices.completion, 20, 512)
+                ps = PayerSession(Counting(x, peer_id="w"), client_ch, om, KW.public)
+                ws = WorkerSession(FramedStream(y, peer_id="c"), worker_ch, KW)
+                send, recv = trio.open_memory_channel[list[int]](0)
+                sessions.append((ps, ws, k))
+                n.start_soon(paced_worker, ws, send, k)
+                n.start_soon(run_client, ps, recv)
+    total = 6 * prices.cost(20, 150)
+    assert client_ch.core.r.own_sent == worker_ch.core.r.peer_sent == total
+    assert worker_ch.pool == 0
+    for _, ws, _k in sessions:
+        assert ws.meter is not None
+        assert ws.meter.paid_amount == prices.cost(20, 150)
+    states = client_ch.core.r.own_seqno
+    # 6 prepaid prompts and 6 closes sign their own states; the 3 s of streaming add about 6
+    assert payments[0] >= 6 * 7, payments[0]
+    assert states <= 6 + 6 + 8, states

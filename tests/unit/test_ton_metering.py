@@ -54,6 +54,19 @@ def test_payer_never_pays_for_tokens_not_received(chunks: list[int], gaps: list[
     assert paid == PRICES.cost(5, received)
 
 
+@given(st.floats(0, 1e7), st.floats(0, 1e7), st.sampled_from([0.0, 0.05]))
+def test_time_rule_never_waits_longer_than_pay_every_seconds(t0: float, t1: float, window: float) -> None:
+    """Coalesced, the time rule fires on a grid shared by every session (so their payments meet
+    in one window); never later than ``pay_every_seconds`` after the last payment."""
+    cfg = MeterConfig(pay_every_seconds=0.5, coalesce_window=window)
+    a = PayerMeter(SID, PRICES, 5, WK.public, cfg, t0)
+    b = PayerMeter(SID, PRICES, 5, WK.public, cfg, t1)
+    for m, t in ((a, t0), (b, t1)):
+        assert t < m.time_due() <= t + 0.5 + 1e-6 * max(1.0, t)
+    if window and abs(t0 - t1) < 0.5 and int(t0 / 0.5) == int(t1 / 0.5):
+        assert a.time_due() == b.time_due()  # same grid cell: due together
+
+
 def test_worker_pauses_at_credit_window_and_aborts_after_timeout() -> None:
     w = WorkerMeter(SID, PRICES, 5, WK, MeterConfig(credit_window=128, receipt_every=64), 0.0)
     assert w.may_send() == 0  # prompt not prepaid yet
