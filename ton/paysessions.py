@@ -178,7 +178,13 @@ class SessionBoard:
         try:
             with _single_errors():
                 fwd = await forward_session(
-                    client, worker, entry.shell, worker_entry.shell, route.prices, open_msg=msg
+                    client,
+                    worker,
+                    entry.shell,
+                    worker_entry.shell,
+                    route.prices,
+                    open_msg=msg,
+                    window=pm.cfg.meter.coalesce_window,
                 )
         except RemoteError as e:
             raise error_from_remote(e) from e

@@ -366,9 +366,12 @@ async def forward_session(
     worker_prices: Prices,
     *,
     open_msg: SessionOpen | None = None,
+    window: float = 0.0,
 ) -> Forwarder:
     """A proxy's half of a hub session: relays open/accept/receipts, forwards payments minus fee.
-    ``open_msg``: the client's SessionOpen when the caller already read it."""
+    ``open_msg``: the client's SessionOpen when the caller already read it. ``window``: forwarded
+    payments (all but the prompt's) share states with other sessions to the same worker
+    (:meth:`ChannelShell.pay_shared`)."""
     if open_msg is None:
         open_msg = expect(SessionOpen, await client_stream.receive())
     client_prices = Prices(open_msg.price_prompt, open_msg.price_completion)
@@ -403,6 +406,6 @@ async def forward_session(
             client_channel.claim(due)
             out = fwd.on_client_payment(p, due)
             if out.amount > 0:
-                st = await worker_channel.pay(out.amount)
+                st = await worker_channel.pay_shared(out.amount, window if out.tokens else 0.0)
                 await worker_stream.send(SessionPayment(open_msg.session_id, out.tokens, out.total, st))
     return fwd

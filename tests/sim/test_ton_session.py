@@ -405,3 +405,46 @@ async def test_paced_sessions_coalesce_their_payments_and_are_paid_exactly(autoj
     # 6 prepaid prompts and 6 closes sign their own states; the 3 s of streaming add about 6
     assert payments[0] >= 6 * 7, payments[0]
     assert states <= 6 + 6 + 8, states
+
+
+async def test_a_proxy_forwards_concurrent_sessions_in_shared_states(autojump_clock: MockClock) -> None:
+    """Four clients (each on its own channel to the proxy) stream from one worker through the
+    proxy: the proxy's payments to the worker share states; every party ends exactly paid."""
+    client_prices, worker_prices = Prices(11, 1100), Prices(10, 1000)
+    pw_proxy, pw_worker = funded(20, KP, KW)
+    fees = []
+    with trio.fail_after(60):
+        async with trio.open_nursery() as n:
+            for k in range(4):
+                cp_client, cp_proxy = funded(21 + k, KC, KP)
+                c_side, p_client_side = framed_pair()
+                p_worker_side, w_side = framed_pair()
+                om = attrs.evolve(open_msg(21 + k, client_prices), session_id=bytes([k + 1]) * 16)
+                ps = PayerSession(c_side, cp_client, om, KW.public)
+                ws = WorkerSession(w_side, pw_worker, KW, forwarded=True)
+                send, recv = trio.open_memory_channel[list[int]](0)
+
+                async def proxy(a: FramedStream, b: FramedStream, cp: ChannelShell) -> None:
+                    fwd = await forward_session(a, b, cp, pw_proxy, worker_prices, window=0.05)
+                    fees.append(fwd.fee)
+
+                n.start_soon(proxy, p_client_side, p_worker_side, cp_proxy)
+                n.start_soon(_paced, ws, send, 100)
+                n.start_soon(run_client, ps, recv)
+    assert pw_worker.core.r.peer_sent == pw_proxy.core.r.own_sent == 4 * worker_prices.cost(20, 100)
+    assert pw_worker.pool == 0
+    assert sum(fees) == 4 * (client_prices.cost(20, 100) - worker_prices.cost(20, 100))
+    # 4 prompts forwarded at once; the rest (about 4 x 4 payments) in a few shared states
+    assert pw_proxy.core.r.own_seqno <= 4 + 8
+
+
+async def _paced(ws: WorkerSession, out: trio.MemorySendChannel[list[int]], total: int) -> None:
+    await ws.accept()
+    async with trio.open_nursery() as n:
+        await n.start(ws.run_payments)
+        async with out:
+            for i in range(total):
+                await ws.produced([i])
+                await out.send([i])
+                await trio.sleep(0.02)
+        await ws.finish()
