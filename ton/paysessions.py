@@ -192,6 +192,7 @@ class SessionBoard:
             await worker.aclose()
         pm.counters["sessions_forwarded"] += 1
         self.forward_fees += fwd.fee
+        pm._notify()
 
 
 @asynccontextmanager

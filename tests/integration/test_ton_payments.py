@@ -299,6 +299,8 @@ async def test_hub_session_through_a_proxy_keeps_its_fee(net: Net) -> None:
     client_paid, worker_paid = PRICES.cost(PROMPT, 200), worker_prices.cost(PROMPT, 200)
     assert c.pm.statistics().spent == client_paid
     assert w.pm.statistics().earned == worker_paid
+    with trio.fail_after(5):  # the proxy's side ends just after the worker's
+        await p.pm.wait_for(lambda: p.pm.counters["sessions_forwarded"] == 1)
     stats = p.pm.statistics()
     assert (stats.earned, stats.spent) == (client_paid, worker_paid)
     assert stats.forward_fees == client_paid - worker_paid
