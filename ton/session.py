@@ -92,28 +92,38 @@ class ChannelShell:
         assert isinstance(send.msg, PayState)
         return send.msg
 
-    async def pay_shared(self, amount: int, window: float) -> PayState:
+    async def pay_shared(self, amount: int, window: float, slot: _Queued | None = None) -> PayState:
         """Pay ``amount`` in one state with every other payment asked for on this channel within
         ``window`` seconds: one signature and one fsync here, one check at the payee, for all
         of them. ``window`` 0: a state of its own. A caller cancelled before the state is signed
-        takes its amount back out; each caller still sends its own SessionPayment."""
+        takes its amount back out; one cancelled after still finds the state in its ``slot``
+        (to send it later instead of paying again). Each caller sends its own SessionPayment."""
         if window <= 0:
-            return await self.pay(amount)
+            st = await self.pay(amount)
+            if slot is not None:
+                slot.state = st
+            return st
         batch = self._batch
         if batch is None or batch.flushed:
             batch = self._batch = _Batch(trio.current_time() + window)
         batch.amount += amount
+        if slot is not None:
+            batch.slots.append(slot)
         try:
             with trio.move_on_at(batch.deadline):
                 await batch.done.wait()
         except BaseException:
             if not batch.flushed:
                 batch.amount -= amount
+                if slot is not None:
+                    batch.slots.remove(slot)
             raise
         if not batch.flushed:  # the window is over and nobody took the batch yet: we pay it
             batch.flushed = True
             try:
                 batch.state = await self.pay(batch.amount)
+                for s in batch.slots:
+                    s.state = batch.state
             except BaseException as e:
                 batch.error = e
                 raise
@@ -169,6 +179,7 @@ class _Batch:
         self.done = trio.Event()
         self.state: PayState | None = None
         self.error: BaseException | None = None
+        self.slots: list[_Queued] = []
 
 
 class _Queued:
@@ -230,8 +241,9 @@ class PayerSession:
         async with self._pay_lock:
             while self._queue:
                 q = self._queue[0]
-                if q.state is None:
-                    q.state = await self.channel.pay_shared(q.pay.amount, window)
+                if q.state is None:  # a retry after a cancellation resends, never pays twice
+                    await self.channel.pay_shared(q.pay.amount, window, q)
+                assert q.state is not None
                 sid = self.open_msg.session_id
                 await self.stream.send(SessionPayment(sid, q.pay.tokens, q.pay.total, q.state))
                 self._queue.popleft()

@@ -9,6 +9,7 @@ from pathlib import Path
 import attrs
 import pytest
 import trio
+import trio.testing
 from trio.testing import MockClock
 
 from overlay.errors import ChannelError, InsufficientFunds
@@ -19,9 +20,9 @@ from ton.keys import KeyPair
 from ton.localchain import LocalChain
 from ton.localservice import LocalChainService
 from ton.messages import PayState, SessionOpen, SessionPayment
-from ton.metering import MeterConfig, MeteringError, Prices
+from ton.metering import MeterConfig, MeteringError, PayFor, Prices
 from ton.onchain import ChannelOps
-from ton.session import ChannelShell, PayerSession, SessionAborted, WorkerSession, forward_session
+from ton.session import ChannelShell, PayerSession, SessionAborted, WorkerSession, _Queued, forward_session
 from ton.store import MemoryKVStore, SQLiteKVStore
 from ton.wallets import Wallet
 
@@ -448,3 +449,51 @@ async def _paced(ws: WorkerSession, out: trio.MemorySendChannel[list[int]], tota
                 await out.send([i])
                 await trio.sleep(0.02)
         await ws.finish()
+
+
+class _GatedWriter:
+    """A durable writer that holds every write until the test opens the gate."""
+
+    def __init__(self, store: MemoryKVStore) -> None:
+        self.store = store
+        self.gate = trio.Event()
+        self.entered = trio.Event()
+        self.writer_task: object = None
+
+    async def write(self, namespace: str, key: str, value: bytes) -> None:
+        self.writer_task = trio.lowlevel.current_task()
+        self.entered.set()
+        await self.gate.wait()
+        self.store.write(namespace, key, value)
+
+
+async def test_a_payment_cancelled_while_its_shared_state_is_signed_keeps_the_state(
+    autojump_clock: MockClock,
+) -> None:
+    """Cancelled after the batch was taken: its amount is in the state, so the state is left in
+    its slot (sent later), and a retry never pays the amount a second time."""
+    client_ch, _ = funded(15, KC, KW)
+    gated = _GatedWriter(MemoryKVStore())
+    client_ch.writer = gated  # type: ignore[assignment]
+    slots = {1000: _Queued(PayFor(1, 1000, 1000)), 2000: _Queued(PayFor(1, 2000, 2000))}
+    scopes: dict[object, trio.CancelScope] = {}
+
+    async def member(amount: int) -> None:
+        with trio.CancelScope() as scope:
+            scopes[trio.lowlevel.current_task()] = scope
+            await client_ch.pay_shared(amount, 0.05, slots[amount])
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as n:
+            n.start_soon(member, 1000)
+            n.start_soon(member, 2000)
+            await gated.entered.wait()  # one of them signs the shared state now
+            (other,) = [s for t, s in scopes.items() if t is not gated.writer_task]
+            other.cancel()
+            await trio.testing.wait_all_tasks_blocked()
+            gated.gate.set()
+    assert other.cancelled_caught
+    st = slots[1000].state
+    assert st is not None
+    assert slots[2000].state == st
+    assert st.sent == client_ch.core.r.own_sent == 3000
