@@ -24,6 +24,14 @@ Each one is named after its entry in ``shared/notes/libp2p.md``:
   nobody and IHAVE gossip never repaired it (the peer joined the mesh later).
   Like go-libp2p's flood publishing, but bounded: our own messages also go to
   other known topic peers until D peers get them.
+- Task spawning: pubsub spawns a task per received message copy, and the
+  service manager finds the spawning task's parent by walking its whole task
+  tree (O(tasks) per message). The parent of a trio task never changes, so it
+  is remembered per manager.
+- yamux window updates: besides B14, a "partial slack" branch sends a
+  WINDOW_UPDATE after every read that leaves the window short by less than the
+  threshold, which is every small read. Replaced by go-yamux's rule: grant
+  what was consumed once it reaches half the window (auto-tuning kept).
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -42,6 +51,7 @@ _RECORD_CACHE_SIZE = 4096
 _RECORD_CACHE_TTL_S = 600.0
 _OWN_RECORD_TTL_S = 10.0
 _applied = False
+_MISSING = object()
 
 
 def _cached_record_consumer(original: Callable[..., bool]) -> Callable[..., bool]:
@@ -156,6 +166,34 @@ def _publish_to_d_peers(original: Callable[..., Iterable[object]]) -> Callable[.
     return peers_to_send
 
 
+def _remembered_parents(original: Callable[..., object]) -> Callable[..., object]:
+    def find_parent(self: Any, trio_task: object) -> object:
+        cache: weakref.WeakKeyDictionary[object, object] | None = getattr(self, "_cocoon_parents", None)
+        if cache is None:
+            cache = self._cocoon_parents = weakref.WeakKeyDictionary()
+        hit = cache.get(trio_task, _MISSING)
+        if hit is not _MISSING and (hit is None or hit.trio_task is trio_task):  # type: ignore[attr-defined]
+            return hit
+        found = original(self, trio_task)
+        cache[trio_task] = found
+        return found
+
+    return find_parent
+
+
+async def _window_update_half(stream: Any, *, bytes_read: int = 0) -> None:
+    """go-yamux's sendWindowUpdate: grant the consumed bytes once they reach half the window."""
+    async with stream.window_lock:
+        buffered = len(stream.conn.stream_buffers.get(stream.stream_id, b""))
+        delta = stream.target_recv_window - (stream.recv_window + buffered)
+        if delta <= 0 or delta < stream.target_recv_window // 2:
+            return
+        stream.recv_window += delta
+        delta += stream._apply_autotune_epoch(buffered)
+        stream._pending_recv_release = 0
+    await stream.send_window_update(delta, skip_lock=True)
+
+
 def apply_libp2p_fixes() -> None:
     """Apply every workaround (idempotent)."""
     global _applied
@@ -195,6 +233,13 @@ def apply_libp2p_fixes() -> None:
     yamux._py_yamux_env = yamux_env
     if not os.environ.get("COCOON_NO_RPC_BUFFER"):
         pubsub.read_varint_prefixed_bytes_limited = _buffered_rpc_reader()  # type: ignore[attr-defined,assignment]
+    from libp2p.tools.anyio_service import trio_manager
+
+    trio_manager.TrioManager._find_parent_task = _remembered_parents(  # type: ignore[method-assign,assignment]
+        trio_manager.TrioManager._find_parent_task
+    )
+    if not os.environ.get("COCOON_YAMUX_STOCK_WINDOW"):
+        yamux.YamuxStream._auto_tune_and_send_window_update = _window_update_half  # type: ignore[method-assign,assignment]
     gossipsub.GossipSub._get_peers_to_send = _publish_to_d_peers(  # type: ignore[method-assign,assignment]
         gossipsub.GossipSub._get_peers_to_send
     )
