@@ -121,7 +121,10 @@ class ChannelShell:
         if not batch.flushed:  # the window is over and nobody took the batch yet: we pay it
             batch.flushed = True
             try:
-                batch.state = await self.pay(batch.amount)
+                # Shielded: the other sessions' payments ride on it; our own cancellation is
+                # delivered right after (a sign and a write, bounded).
+                with trio.CancelScope(shield=True):
+                    batch.state = await self.pay(batch.amount)
                 for s in batch.slots:
                     s.state = batch.state
             except BaseException as e:

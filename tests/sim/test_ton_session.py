@@ -497,3 +497,35 @@ async def test_a_payment_cancelled_while_its_shared_state_is_signed_keeps_the_st
     assert st is not None
     assert slots[2000].state == st
     assert st.sent == client_ch.core.r.own_sent == 3000
+
+
+async def test_the_session_signing_a_shared_state_cancelled_does_not_fail_the_others(
+    autojump_clock: MockClock,
+) -> None:
+    """A session whose generation dies while it signs the shared state: the state is still
+    signed, the other sessions' payments go out, nothing is paid twice."""
+    client_ch, _ = funded(16, KC, KW)
+    gated = _GatedWriter(MemoryKVStore())
+    client_ch.writer = gated  # type: ignore[assignment]
+    slots = {1000: _Queued(PayFor(1, 1000, 1000)), 2000: _Queued(PayFor(1, 2000, 2000))}
+    scopes: dict[object, trio.CancelScope] = {}
+    results: dict[int, PayState] = {}
+
+    async def member(amount: int) -> None:
+        with trio.CancelScope() as scope:
+            scopes[trio.lowlevel.current_task()] = scope
+            results[amount] = await client_ch.pay_shared(amount, 0.05, slots[amount])
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as n:
+            n.start_soon(member, 1000)
+            n.start_soon(member, 2000)
+            await gated.entered.wait()
+            signer = scopes[gated.writer_task]
+            signer.cancel()
+            await trio.testing.wait_all_tasks_blocked()
+            gated.gate.set()
+    assert signer.cancelled_caught
+    (other,) = results.values()  # the other session got its state
+    assert slots[1000].state == slots[2000].state == other
+    assert other.sent == client_ch.core.r.own_sent == 3000
