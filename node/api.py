@@ -145,6 +145,7 @@ class Completed:
     workers: tuple[WorkerUse, ...]
     ttft_s: float = 0.0
     worker_decode_tok_s: float = 0.0  # the serving engine's own decode speed for this request
+    worker_ttft_s: float = 0.0  # the serving engine's own time to first token (prefill, queueing)
 
 
 Event = TextDelta | Completed
@@ -370,6 +371,7 @@ def _cocoon(done: Completed) -> dict[str, object]:
         "cost_nanoton": done.cost_nanoton,
         "ttft_ms": round(done.ttft_s * 1000, 2),
         "worker_decode_tok_s": round(done.worker_decode_tok_s, 2),
+        "worker_ttft_ms": round(done.worker_ttft_s * 1000, 2),
     }
 
 

@@ -452,6 +452,7 @@ class NetworkBackend:
                     workers=tuple(progress.workers),
                     ttft_s=progress.ttft,
                     worker_decode_tok_s=final.decode_tok_per_s,
+                    worker_ttft_s=final.ttft_s,
                 )
             )
             with trio.move_on_after(2):

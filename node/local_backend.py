@@ -77,6 +77,7 @@ class EngineBackend:
                             workers=(WorkerUse(self.name, "local", chunk.completion_tokens, cost),),
                             ttft_s=chunk.ttft_s,
                             worker_decode_tok_s=chunk.decode_tok_per_s,
+                            worker_ttft_s=chunk.ttft_s,
                         )
                     )
         finally:

@@ -81,6 +81,8 @@ async def test_openai_client_raw_sse_and_garbage_through_the_network(
         extra = resp.model_extra  # type: ignore[attr-defined]
         assert extra["cocoon"]["tier"] == "none"
         assert extra["cocoon"]["worker"] in {w.app.peer_id for w in net.workers()}
+        # the client's time to first token includes the worker's own (prefill) and the network's
+        assert 0 < extra["cocoon"]["worker_ttft_ms"] <= extra["cocoon"]["ttft_ms"]
         usage = resp.usage  # type: ignore[attr-defined]
         assert usage.completion_tokens >= 1
         assert usage.model_extra["cost_nanoton"] > 0
