@@ -211,6 +211,17 @@ async def dht_gets(nodes: list[Overlay], n_keys: int, rng: random.Random) -> dic
 RATES = (12.0, 15.0, 20.0, 25.0, 30.0, 40.0, 60.0, 80.0)
 
 
+def _rate_ok(rate: float, r: dict[str, float]) -> bool:
+    """Print one step of the rate search; True when it delivered 100 % with p99 <= 1 s."""
+    ok = r["delivery"] >= 1.0 and r["p99_ms"] <= 1000
+    print(
+        f"  rate {rate:>4.0f} msg/s: delivery {r['delivery']:.1%} p50 {r['p50_ms']:.0f} ms "
+        f"p99 {r['p99_ms']:.0f} ms {'ok' if ok else 'over'}",
+        flush=True,
+    )
+    return ok
+
+
 def _gossip_in_processes(
     procs: int, n_nodes: int, n_msgs: int, quick: bool
 ) -> tuple[dict[str, float], float, str, dict[str, float]]:
@@ -226,13 +237,7 @@ def _gossip_in_processes(
             topic = f"bench/rate{int(rate)}"
             net.subscribe(topic)
             r = net.run(topic, int(rate * (6 if quick else 15)), rate)
-            ok = r["delivery"] >= 1.0 and r["p99_ms"] <= 1000
-            print(
-                f"  rate {rate:>4.0f} msg/s: delivery {r['delivery']:.1%} p50 {r['p50_ms']:.0f} ms "
-                f"p99 {r['p99_ms']:.0f} ms {'ok' if ok else 'over'}",
-                flush=True,
-            )
-            if not ok:
+            if not _rate_ok(rate, r):
                 break
             best, best_row = rate, f"p99 {r['p99_ms']:.0f} ms"
         d = net.dht(20 if quick else 50)
@@ -253,13 +258,7 @@ async def _gossip_in_process(
             r = await gossip_run(
                 nodes, copies, f"bench/rate{int(rate)}", int(rate * (6 if quick else 15)), rate
             )
-            ok = r["delivery"] >= 1.0 and r["p99_ms"] <= 1000
-            print(
-                f"  rate {rate:>4.0f} msg/s: delivery {r['delivery']:.1%} p50 {r['p50_ms']:.0f} ms "
-                f"p99 {r['p99_ms']:.0f} ms {'ok' if ok else 'over'}",
-                flush=True,
-            )
-            if not ok:
+            if not _rate_ok(rate, r):
                 break
             best, best_row = rate, f"p99 {r['p99_ms']:.0f} ms"
         d = await dht_gets(nodes, 20 if quick else 50, random.Random(7))

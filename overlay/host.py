@@ -197,7 +197,7 @@ class Overlay:
         self._counts = {"published": 0, "received": 0, "rejected": 0, "ignored": 0, "dropped": 0}
         self._peers_changed = trio.Event()
         self._topics_changed = trio.Event()
-        self._counts_changed = trio.Event()
+        self._counts_changed: trio.Event | None = None  # made only while someone waits
         self._host.get_network().register_notifee(_PeerNotifee(self._on_peers_changed))
 
     # ------------------------------------------------------------------ addresses and peers
@@ -461,12 +461,15 @@ class Overlay:
     # ------------------------------------------------------------------ misc
 
     def _counted(self) -> None:
-        self._counts_changed.set()
-        self._counts_changed = trio.Event()
+        if self._counts_changed is not None:
+            self._counts_changed.set()
+            self._counts_changed = None
 
     async def wait_statistics(self, ready: Callable[[OverlayStats], bool]) -> OverlayStats:
         """Wait until the gossip counters satisfy ``ready`` (bound it with trio.fail_after)."""
         while not ready(st := self.statistics()):
+            if self._counts_changed is None:
+                self._counts_changed = trio.Event()
             await self._counts_changed.wait()
         return st
 

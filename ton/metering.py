@@ -253,6 +253,7 @@ class PayerMeter:
         self._ids = bytearray()  # the ids received so far, packed (4 bytes each)
         self._running = _hasher()  # their hash, kept up to date
         self.last_pay_at = now
+        self._due = self.time_due()  # when the time rule next pays (moves with each payment)
         self.last_token_at = now
         self.aborted = ""
         self.ahead: Receipt | None = None  # a receipt for tokens not arrived yet (other stream)
@@ -261,7 +262,6 @@ class PayerMeter:
         """The prompt, prepaid before prefill."""
         total = self.prices.cost(self.prompt_tokens, 0)
         self.paid_amount = total
-        self.last_pay_at = self.last_pay_at
         return PayFor(0, total, total)
 
     def _pay(self, now: float) -> list[PayFor | Abort]:
@@ -270,6 +270,7 @@ class PayerMeter:
         total = self.prices.cost(self.prompt_tokens, self.received)
         delta = total - self.paid_amount
         self.paid_tokens, self.paid_amount, self.last_pay_at = self.received, total, now
+        self._due = self.time_due()
         return [PayFor(self.received, delta, total)]
 
     def on_tokens(self, token_ids: list[int], now: float) -> list[PayFor | Abort]:
@@ -287,7 +288,7 @@ class PayerMeter:
             if out:  # the receipt did not match: aborted
                 return out
         unpaid = self.received - self.paid_tokens
-        if unpaid >= self.cfg.pay_every_tokens or now >= self.time_due():
+        if unpaid >= self.cfg.pay_every_tokens or now >= self._due:
             out += self._pay(now)
         return out
 
@@ -316,7 +317,7 @@ class PayerMeter:
         if now - self.last_token_at >= self.cfg.idle_timeout:
             self.aborted = "idle"
             return [Abort("no token for too long")]
-        if now - self.last_pay_at >= self.cfg.pay_every_seconds:
+        if now >= self._due:
             return self._pay(now)
         return []
 

@@ -209,13 +209,13 @@ class PayerSession:
         self.channel = channel
         self.open_msg = open_msg
         self.clock = clock
+        self.cfg = cfg or MeterConfig()
         prices = Prices(open_msg.price_prompt, open_msg.price_completion)
         self.meter = PayerMeter(
-            open_msg.session_id, prices, open_msg.prompt_tokens, worker_key, cfg or MeterConfig(), clock()
+            open_msg.session_id, prices, open_msg.prompt_tokens, worker_key, self.cfg, clock()
         )
         self.receipts: list[Receipt] = []
         self.aborted: str = ""
-        self.cfg = cfg or MeterConfig()
         self._pay_lock = trio.Lock()  # payments go out in the order the meter decided them
         self._queue: deque[_Queued] = deque()
         self._sender_wake: trio.Event | None = None  # set while run_receipts pays in the background
