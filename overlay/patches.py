@@ -32,6 +32,16 @@ Each one is named after its entry in ``shared/notes/libp2p.md``:
   WINDOW_UPDATE after every read that leaves the window short by less than the
   threshold, which is every small read. Replaced by go-yamux's rule: grant
   what was consumed once it reaches half the window (auto-tuning kept).
+- Cancelled writes killed the connection: noise encrypts a message (its nonce
+  counter moves on), then awaits the socket write, which is a cancel point. A
+  task cancelled right there (a payment sender stopped at the end of a session,
+  any ``move_on_after`` around a send) dropped the ciphertext after using its
+  nonce; the peer could decrypt nothing after it and tore the connection down,
+  with every stream on it (``StreamBroken ... StreamError`` on the next write).
+  A noise message is now written whole or not at all: cancellation is checked
+  before encrypting and the write itself is shielded, for at most
+  ``NOISE_WRITE_TIMEOUT_S`` (yamux's own limit on reading a frame body); a
+  write that takes longer closes the connection, which is broken by then.
 """
 
 from __future__ import annotations
@@ -41,12 +51,13 @@ import os
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any
 
-__all__ = ["KAD_PROTOCOL", "apply_libp2p_fixes"]
+__all__ = ["KAD_PROTOCOL", "NOISE_WRITE_TIMEOUT_S", "apply_libp2p_fixes"]
 
 KAD_PROTOCOL = "/cocoon/kad/1.0.0"
+NOISE_WRITE_TIMEOUT_S = 60.0  # seconds one shielded noise write may take before the connection is closed
 _RECORD_CACHE_SIZE = 4096
 _RECORD_CACHE_TTL_S = 600.0
 _OWN_RECORD_TTL_S = 10.0
@@ -194,6 +205,23 @@ async def _window_update_half(stream: Any, *, bytes_read: int = 0) -> None:
     await stream.send_window_update(delta, skip_lock=True)
 
 
+def _whole_noise_writes(original: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
+    import trio
+    from libp2p.io.exceptions import IOException
+
+    async def write_msg(self: Any, msg: bytes, prefix_encoded: bool = False) -> None:
+        await trio.lowlevel.checkpoint_if_cancelled()  # cancelled before encrypting: nothing is lost
+        with trio.CancelScope(shield=True) as scope:
+            scope.deadline = trio.current_time() + NOISE_WRITE_TIMEOUT_S
+            await original(self, msg, prefix_encoded)
+        if scope.cancelled_caught:  # part of a message may be out: the connection is unusable
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                await self.read_writer.close()
+            raise IOException(f"a noise write took over {NOISE_WRITE_TIMEOUT_S} s: connection closed")
+
+    return write_msg
+
+
 def apply_libp2p_fixes() -> None:
     """Apply every workaround (idempotent)."""
     global _applied
@@ -242,5 +270,10 @@ def apply_libp2p_fixes() -> None:
         yamux.YamuxStream._auto_tune_and_send_window_update = _window_update_half  # type: ignore[method-assign,assignment]
     gossipsub.GossipSub._get_peers_to_send = _publish_to_d_peers(  # type: ignore[method-assign,assignment]
         gossipsub.GossipSub._get_peers_to_send
+    )
+    from libp2p.security.noise import io as noise_io
+
+    noise_io.BaseNoiseMsgReadWriter.write_msg = _whole_noise_writes(  # type: ignore[method-assign,assignment]
+        noise_io.BaseNoiseMsgReadWriter.write_msg
     )
     _applied = True
