@@ -200,7 +200,8 @@ class PaymentManager:
         self.entries: dict[bytes, ManagedChannel] = {}
         self.counters: dict[str, int] = dict.fromkeys(
             ("opened", "top_ups", "commits", "closes", "uncooperative", "challenges", "settle_failures",
-             "refused", "garbage", "sessions_paid", "sessions_served", "sessions_forwarded", "fees"), 0,
+             "refused", "garbage", "sessions_paid", "sessions_served", "sessions_forwarded",
+             "forwards_failed", "fees"), 0,
         )  # fmt: skip
         self._peer_locks: dict[str, trio.Lock] = {}
         self._changed = trio.Event()

@@ -48,7 +48,7 @@ from .opening import (
     error_code,
     error_from_remote,
 )
-from .session import PayerSession, SessionAborted, WorkerSession, forward_session
+from .session import PayerSession, SessionAborted, WorkerSession, forward_session, forwarder_for
 
 if TYPE_CHECKING:
     from .manager import ManagedChannel, PaymentManager
@@ -175,9 +175,11 @@ class SessionBoard:
         worker_entry = await pm.channel_to(route.worker_peer, min_available=need)
         worker_entry.core.note_activity(pm.clock())
         worker = await pm.host.open_stream(route.worker_peer, PROTOCOL)
+        fwd = forwarder_for(msg, route.prices)
+        ok = False
         try:
             with _single_errors():
-                fwd = await forward_session(
+                await forward_session(
                     client,
                     worker,
                     entry.shell,
@@ -185,14 +187,17 @@ class SessionBoard:
                     route.prices,
                     open_msg=msg,
                     window=pm.cfg.meter.coalesce_window,
+                    fwd=fwd,
                 )
+            ok = True
         except RemoteError as e:
             raise error_from_remote(e) from e
         finally:
             await worker.aclose()
-        pm.counters["sessions_forwarded"] += 1
-        self.forward_fees += fwd.fee
-        pm._notify()
+            # What the client paid and the worker got before a failure is kept as well.
+            self.forward_fees += fwd.fee
+            pm.counters["sessions_forwarded" if ok else "forwards_failed"] += 1
+            pm._notify()
 
 
 @asynccontextmanager

@@ -41,7 +41,14 @@ from .messages import PayState, Receipt, SessionAccept, SessionClose, SessionOpe
 from .metering import Abort, Forwarder, MeterConfig, MeteringError, PayerMeter, PayFor, Prices, WorkerMeter
 from .store import DurableWriter, KVStore
 
-__all__ = ["ChannelShell", "PayerSession", "SessionAborted", "WorkerSession", "forward_session"]
+__all__ = [
+    "ChannelShell",
+    "PayerSession",
+    "SessionAborted",
+    "WorkerSession",
+    "forward_session",
+    "forwarder_for",
+]
 
 log = logging.getLogger(__name__)
 TICK = 0.1  # seconds between meter ticks
@@ -373,6 +380,12 @@ class WorkerSession:
         await self.stream.send(self.meter.finish().receipt)
 
 
+def forwarder_for(open_msg: SessionOpen, worker_prices: Prices) -> Forwarder:
+    """The Forwarder of a hub session: the client's prices from its SessionOpen, the worker's."""
+    client_prices = Prices(open_msg.price_prompt, open_msg.price_completion)
+    return Forwarder(client_prices, worker_prices, open_msg.prompt_tokens)
+
+
 async def forward_session(
     client_stream: MessageStream,
     worker_stream: MessageStream,
@@ -382,15 +395,18 @@ async def forward_session(
     *,
     open_msg: SessionOpen | None = None,
     window: float = 0.0,
+    fwd: Forwarder | None = None,
 ) -> Forwarder:
     """A proxy's half of a hub session: relays open/accept/receipts, forwards payments minus fee.
     ``open_msg``: the client's SessionOpen when the caller already read it. ``window``: forwarded
     payments (all but the prompt's) share states with other sessions to the same worker
-    (:meth:`ChannelShell.pay_shared`)."""
+    (:meth:`ChannelShell.pay_shared`). ``fwd``: the session's Forwarder (see
+    :func:`forwarder_for`), for a caller that must read what was forwarded even when the
+    session fails mid-way."""
     if open_msg is None:
         open_msg = expect(SessionOpen, await client_stream.receive())
-    client_prices = Prices(open_msg.price_prompt, open_msg.price_completion)
-    fwd = Forwarder(client_prices, worker_prices, open_msg.prompt_tokens)
+    if fwd is None:
+        fwd = forwarder_for(open_msg, worker_prices)
     to_worker = SessionOpen(
         open_msg.session_id, open_msg.offer_id, worker_channel.core.cid,
         worker_prices.prompt, worker_prices.completion, open_msg.prompt_tokens, open_msg.max_tokens,

@@ -16,7 +16,7 @@ import pytest
 import trio
 
 from overlay import wire
-from overlay.errors import StreamBroken
+from overlay.errors import NodeError, StreamBroken
 from overlay.framing import uvarint
 from overlay.host import open_overlay
 from overlay.identity import Identity
@@ -47,6 +47,7 @@ from ton.messages import (
     SessionOpen,
     SessionPayment,
 )
+from ton.metering import Prices
 from ton.onchain import ChannelOps
 from ton.opening import (
     PROTOCOL,
@@ -55,6 +56,7 @@ from ton.opening import (
     check_accept,
     derive_channel_id,
 )
+from ton.paysessions import Route
 from ton.wallets import Wallet
 
 pytestmark = pytest.mark.slow
@@ -279,3 +281,52 @@ async def test_replays_forgeries_and_garbage_change_nothing(net: Net) -> None:
         fresh = await c.pm.channel_to(w.peer_id)
     assert fresh.cid != cid
     assert fresh.ops.address != entry.ops.address
+
+
+async def test_a_hub_session_refused_midway_keeps_its_fee_in_the_statistics(net: Net) -> None:
+    """A client pays a hub session honestly for a while, then sends a payment off the session's
+    prices: the proxy refuses it (typed), and what it earned and paid on the session until then
+    stays in ``forward_fees`` (its earnings minus its spending, to the nanoTON)."""
+    c, p, w = [await net.start(n) for n in ("client", "proxy", "worker")]
+    await connect(c, p, w)
+    worker_prices = Prices(prompt=8, completion=900)
+
+    async def route(open_msg: Any, payer: str) -> Route | None:
+        return Route(w.peer_id, worker_prices)
+
+    p.pm.set_router(route)
+    sid = os.urandom(16)
+    send, recv = trio.open_memory_channel[list[int]](0)
+
+    async def worker() -> None:
+        async with w.pm.serve_session(sid, min_prices=worker_prices, payer=p.peer_id) as ws:
+            for i in range(0, 400, 4):
+                await ws.produced(list(range(i, i + 4)))
+                await send.send(list(range(i, i + 4)))
+
+    async def client() -> None:
+        async with c.pm.pay_session(
+            p.peer_id, session_id=sid, offer_id=b"offer-1", prices=PRICES,
+            prompt_tokens=PROMPT, max_tokens=512, worker_key=w.pm.key.public,
+        ) as ps:  # fmt: skip
+            async for chunk in recv:
+                await ps.received(chunk)
+                if ps.meter.received >= 100:
+                    break
+            st = ps.channel.core.latest_own_state()
+            assert st is not None
+            wrong = SessionPayment(sid, ps.meter.paid_tokens, ps.meter.paid_amount + 1, st)
+            await ps.stream.send(wrong)
+            await trio.sleep_forever()  # until the proxy's refusal ends the session
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(worker)
+            with pytest.raises(NodeError):
+                await client()
+            await p.pm.wait_for(lambda: p.pm.counters["forwards_failed"] == 1)
+            nursery.cancel_scope.cancel()
+    stats = p.pm.statistics()
+    assert stats.earned > stats.spent > 0
+    assert stats.forward_fees == stats.earned - stats.spent
+    assert p.pm.counters["sessions_forwarded"] == 0
