@@ -66,6 +66,20 @@ class DhtFacade:
             strict_validation=True,
         )
 
+    @property
+    def server(self) -> bool:
+        from libp2p.kad_dht.kad_dht import DHTMode
+
+        return bool(self.kad.mode == DHTMode.SERVER)
+
+    async def set_server(self, server: bool) -> None:
+        """Answer DHT queries (server mode) or not (client mode: behind NAT)."""
+        from libp2p.kad_dht.kad_dht import DHTMode
+
+        if server != self.server:
+            await self.kad.switch_mode(DHTMode.SERVER if server else DHTMode.CLIENT)
+            log.info("DHT now in %s mode", "server" if server else "client", extra={"peer_id": self.peer_id})
+
     def register_namespace(
         self, namespace: str, check: RecordCheck, select: RecordSelect | None = None
     ) -> None:

@@ -15,6 +15,10 @@
   IGNORE and REJECTs cost the forwarder penalty points (``gossip.py``).
   Subscriptions are drained into a deep buffer and publishes are paced (B3).
 - Framed streams (``streams.py``) for request/response and server streaming.
+- NAT (``nat.py``): dial-back reachability, circuit relay v2 (relay and
+  relayed sides), DCUtR hole punching; ``/p2p-circuit`` addresses dial through
+  their relay.  A node listening on ``0.0.0.0`` advertises its interface
+  addresses (and ``announce`` ones first).
 - Clean shutdown: peers are disconnected before the services stop (B6).
 """
 
@@ -24,7 +28,7 @@ import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import attrs
 import trio
@@ -33,10 +37,12 @@ from libp2p.abc import INetConn, INetStream, INetwork, INotifee
 from libp2p.pubsub.pubsub import Pubsub
 from multiaddr import Multiaddr
 
+from .addrs import expand_unspecified, ip_port, is_circuit, parse_circuit, strip_peer
 from .dht import DhtFacade
 from .errors import DialError, NodeError, TimeoutError_
 from .gossip import PeerPenalties, PublishPacer, Validation
 from .identity import Identity
+from .nat import ConnInfo, Nat, NatSettings, connection_info, dial_fresh, upgrade_relayed
 from .patches import apply_libp2p_fixes
 from .streams import FramedStream
 
@@ -63,8 +69,10 @@ class OverlaySettings:
 
     listen_host: str = "127.0.0.1"  # IPv4 address to listen on ("0.0.0.0" for all interfaces)
     listen_port: int = 0  # TCP port; 0 picks a free one
+    listen: bool = True  # accept inbound connections at all (False: outbound only, reached through relays)
+    announce: tuple[str, ...] = ()  # multiaddrs others should dial us at (a forwarded port), first
     bootstrap: tuple[str, ...] = ()  # multiaddrs with /p2p/<peer id>
-    dht_mode: str = "server"  # "server" (reachable) or "client" (behind NAT, answers no queries)
+    dht_mode: str = "server"  # server | client (answers no queries) | auto (server only while reachable)
     gossip: bool = True  # run gossipsub
     heartbeat_s: int = 1  # gossipsub heartbeat, seconds
     degree: int = 6  # gossipsub D
@@ -80,6 +88,7 @@ class OverlaySettings:
     subscription_buffer: int = 4096  # messages held per subscription before dropping
     low_watermark: int = 8  # connections: py-libp2p dials known peers when below (low+high)/2 ...
     high_watermark: int = 24  # ... (its defaults, 100/300, make every node dial every peer it knows)
+    nat: NatSettings = attrs.field(factory=NatSettings)  # reachability, relay, hole punching
 
 
 @attrs.frozen
@@ -115,14 +124,15 @@ def split_peer_addr(addr: str) -> tuple[str, str]:
 class _PeerNotifee(INotifee):
     """Calls back when a connection opens or closes (so waits need no polling)."""
 
-    def __init__(self, changed: Callable[[], None]) -> None:
+    def __init__(self, changed: Callable[[], None], streams: Callable[[], None]) -> None:
         self._changed = changed
+        self._streams = streams
 
     async def opened_stream(self, network: INetwork, stream: INetStream) -> None:
         return None
 
     async def closed_stream(self, network: INetwork, stream: INetStream) -> None:
-        return None
+        self._streams()
 
     async def connected(self, network: INetwork, conn: INetConn) -> None:
         self._changed()
@@ -176,6 +186,8 @@ class Overlay:
         self.peer_id = identity.peer_id
         kp = identity.libp2p_keypair()
         assert isinstance(kp, KeyPair)
+        if settings.dht_mode not in ("server", "client", "auto"):
+            raise NodeError(f"dht_mode must be server, client or auto, not {settings.dht_mode!r}")
         self._host = new_host(
             key_pair=kp,
             sec_opt={NOISE_ID: NoiseTransport(kp, noise_privkey=x25519_pair().private_key)},
@@ -187,6 +199,7 @@ class Overlay:
                 high_watermark=settings.high_watermark,
                 max_connections=max(settings.high_watermark * 4, 64),
             ),
+            addrs_factory=self._identify_addrs,
         )
         self._nursery: trio.Nursery | None = None
         self._dht: DhtFacade | None = None
@@ -198,17 +211,98 @@ class Overlay:
         self._peers_changed = trio.Event()
         self._topics_changed = trio.Event()
         self._counts_changed: trio.Event | None = None  # made only while someone waits
-        self._host.get_network().register_notifee(_PeerNotifee(self._on_peers_changed))
+        self._streams_changed = trio.Event()
+        self._host.get_network().register_notifee(
+            _PeerNotifee(self._on_peers_changed, self._on_stream_change)
+        )
+        self.nat = Nat(self, settings.nat)
 
     # ------------------------------------------------------------------ addresses and peers
 
     def listen_addrs(self) -> list[str]:
-        """Our listen multiaddrs, each ending in /p2p/<our peer id>."""
-        out = []
-        for a in self._host.get_transport_addrs():
-            s = str(a)
-            out.append(s if "/p2p/" in s else f"{s}/p2p/{self.peer_id}")
-        return out
+        """Our listen multiaddrs (``0.0.0.0`` expanded per interface), each ending in /p2p/<our id>."""
+        raw = [strip_peer(str(a)) for a in self._host.get_transport_addrs()]
+        return [f"{a}/p2p/{self.peer_id}" for a in expand_unspecified(raw)]
+
+    def advertised_addrs(self) -> list[str]:
+        """What others should dial us at, best first, without /p2p/: announce, confirmed public, listen."""
+        confirmed = self.nat.reach.core.public_addrs(trio.current_time())
+        listen = [strip_peer(a) for a in self.listen_addrs()]
+        if any(not a.startswith("/ip4/127.") for a in listen):
+            listen = [a for a in listen if not a.startswith("/ip4/127.")] + [
+                a for a in listen if a.startswith("/ip4/127.")
+            ]
+        return list(dict.fromkeys([*map(strip_peer, self.settings.announce), *confirmed, *listen]))
+
+    def _identify_addrs(self, candidates: list[object]) -> list[object]:
+        """The addresses identify and our peer record carry (py-libp2p's addrs_factory hook)."""
+        from multiaddr import Multiaddr
+
+        if "nat" not in self.__dict__:  # py-libp2p asks while the host is being built
+            return candidates
+        out: list[object] = []
+        for a in self.advertised_addrs():
+            try:
+                out.append(Multiaddr(a))
+            except Exception as e:
+                log.debug("unusable address %s: %s", a, e)
+        return out or candidates
+
+    @property
+    def libp2p_host(self) -> Any:
+        """The py-libp2p host (for the NAT services; nothing else should need it)."""
+        return self._host
+
+    def is_connected(self, peer_id: str) -> bool:
+        return any(str(p) == peer_id for p in self._host.get_connected_peers())
+
+    def connections_of(self, peer_id: str) -> list[Any]:
+        """The live libp2p connections to ``peer_id`` (SwarmConn objects)."""
+        from libp2p.peer.id import ID
+
+        try:
+            conns = self._host.get_network().get_connections(ID.from_base58(peer_id))
+        except Exception:
+            return []
+        return list(conns)
+
+    def speaks(self, peer_id: str, protocol: str) -> bool:
+        """Whether ``peer_id`` announced ``protocol`` (identify)."""
+        from libp2p.peer.id import ID
+
+        try:
+            return protocol in self._host.get_peerstore().get_protocols(ID.from_base58(peer_id))
+        except Exception:
+            return False
+
+    def connection_info(self, stream: FramedStream) -> ConnInfo | None:
+        return connection_info(stream.raw)
+
+    async def dial_fresh(self, addr: str, peer_id: str) -> None:
+        await dial_fresh(self._host, addr, peer_id)
+
+    async def upgrade_relayed(
+        self, stream: object, ma: object, *, initiator: bool, peer: str | None
+    ) -> object:
+        muxed = await upgrade_relayed(self._host, stream, ma, initiator=initiator, peer=peer)
+        self._on_peers_changed()
+        return muxed
+
+    def dialback_candidates(self) -> tuple[str, ...]:
+        return tuple(a for a in self.advertised_addrs() if ip_port(a) is not None)
+
+    def reachability_changed(self, status: str) -> None:
+        """A new reachability verdict: the DHT mode follows it (``dht_mode = "auto"``)."""
+        if self.settings.dht_mode == "auto" and self._dht is not None and self._nursery is not None:
+            self._nursery.start_soon(self._dht.set_server, status == "public")
+
+    async def wait_stream_change(self) -> None:
+        """Return after the next stream on any connection closes."""
+        await self._streams_changed.wait()
+
+    def _on_stream_change(self) -> None:
+        self._streams_changed.set()
+        self._streams_changed = trio.Event()
 
     def connected_peers(self) -> list[str]:
         return sorted(str(p) for p in self._host.get_connected_peers())
@@ -228,6 +322,8 @@ class Overlay:
         from libp2p.peer.peerinfo import PeerInfo
         from multiaddr import Multiaddr
 
+        if is_circuit(addr):
+            return await self._connect_relayed(addr)
         transport, pid = split_peer_addr(addr)
         try:
             info = PeerInfo(ID.from_base58(pid), [Multiaddr(transport)])
@@ -246,6 +342,20 @@ class Overlay:
                 await self._dht.add_peer(pid)
             return pid
         raise DialError(f"no answer from {addr} within {self.settings.dial_timeout_s} s")
+
+    async def _connect_relayed(self, addr: str) -> str:
+        """Dial ``<relay>/p2p-circuit/p2p/<target>``; a hole punch toward the target follows."""
+        c = parse_circuit(addr)
+        if not c.target:
+            raise DialError(f"{addr}: a circuit address to dial must end in /p2p/<peer id>")
+        if self.is_connected(c.target):
+            return c.target
+        with trio.move_on_after(self.settings.dial_timeout_s * 2):
+            await self.nat.client.dial(addr, c.target)
+            self.nat.punch.punch_soon(c.target)
+            return c.target
+        limit = self.settings.dial_timeout_s * 2
+        raise DialError(f"no answer through {c.relay_id} from {c.target} within {limit} s")
 
     async def disconnect(self, peer_id: str) -> None:
         from libp2p.peer.id import ID
@@ -325,8 +435,8 @@ class Overlay:
         from libp2p.custom_types import TProtocol
         from libp2p.peer.id import ID
 
-        for a in addrs:
-            await self.connect(a if "/p2p/" in a else f"{a}/p2p/{peer_id}")
+        if addrs and not self.is_connected(peer_id):
+            await self._connect_any(peer_id, addrs)
         try:
             pid = ID.from_base58(peer_id)
         except Exception as e:
@@ -337,6 +447,52 @@ class Overlay:
             except Exception as e:
                 raise DialError(f"cannot open {protocol} to {peer_id}: {type(e).__name__}: {e}") from e
             return FramedStream(raw, max_frame=self.settings.max_frame, peer_id=peer_id)
+        raise DialError(f"opening {protocol} to {peer_id} timed out")
+
+    async def _connect_any(self, peer_id: str, addrs: tuple[str, ...]) -> None:
+        """Connect to ``peer_id`` at the first of ``addrs`` that answers (direct ones before relays)."""
+        ordered = sorted(addrs, key=is_circuit)
+        errors = []
+        for a in ordered:
+            full = a if a.endswith(f"/p2p/{peer_id}") else f"{a}/p2p/{peer_id}"
+            try:
+                await self.connect(full)
+                return
+            except DialError as e:
+                errors.append(str(e))
+        raise DialError(f"cannot reach {peer_id}: " + "; ".join(errors[-3:]))
+
+    def set_raw_handler(self, protocol: str, handler: Callable[[object], Awaitable[None]]) -> None:
+        """Serve ``protocol`` with a handler of raw libp2p streams (errors are logged, never escape)."""
+        from libp2p.custom_types import TProtocol
+
+        async def wrapped(stream: object) -> None:
+            try:
+                await handler(stream)
+            except Exception:
+                log.exception("%s handler crashed", protocol)
+                with trio.move_on_after(2):
+                    try:
+                        await stream.reset()  # type: ignore[attr-defined]
+                    except Exception as e:
+                        log.debug("reset: %s", e)
+
+        self._host.set_stream_handler(TProtocol(protocol), wrapped)
+
+    async def new_raw_stream(self, peer_id: str, protocol: str) -> object:
+        """A raw libp2p stream to a connected (or dialable) peer; DialError when it cannot be opened."""
+        from libp2p.custom_types import TProtocol
+        from libp2p.peer.id import ID
+
+        try:
+            pid = ID.from_base58(peer_id)
+        except Exception as e:
+            raise DialError(f"bad peer id {peer_id!r}") from e
+        with trio.move_on_after(self.settings.dial_timeout_s):
+            try:
+                return await self._host.new_stream(pid, [TProtocol(protocol)])
+            except Exception as e:
+                raise DialError(f"cannot open {protocol} to {peer_id}: {type(e).__name__}: {e}") from e
         raise DialError(f"opening {protocol} to {peer_id} timed out")
 
     async def request(
@@ -512,11 +668,19 @@ async def open_overlay(identity: Identity, settings: OverlaySettings | None = No
     body_error: BaseException | None = None
     try:
         async with AsyncExitStack() as stack:
-            await stack.enter_async_context(ov._host.run([listen]))
+            await stack.enter_async_context(ov._host.run([listen] if settings.listen else []))
             ov._nursery = await stack.enter_async_context(trio.open_nursery())
             stack.callback(ov._nursery.cancel_scope.cancel)
-            ov._dht = DhtFacade(ov._host, server=settings.dht_mode != "client", peer_id=ov.peer_id)
+            ov.nat.install(ov._host)
+            server = settings.dht_mode == "server" or (
+                settings.dht_mode == "auto" and settings.nat.reachability == "public"
+            )
+            ov._dht = DhtFacade(ov._host, server=server, peer_id=ov.peer_id)
             await stack.enter_async_context(background_trio_service(ov._dht.kad))
+            dcutr = ov.nat.punch.make_service()
+            if dcutr is not None:
+                await stack.enter_async_context(background_trio_service(dcutr))
+            ov.nat.punch.bind(ov._nursery)
             if settings.gossip:
                 router = GossipSub(
                     protocols=[PROTOCOL_ID_V11],
@@ -543,6 +707,7 @@ async def open_overlay(identity: Identity, settings: OverlaySettings | None = No
             )
             if settings.bootstrap:
                 await ov.bootstrap()
+            await ov._nursery.start(ov.nat.run)
             try:
                 yield ov
             except BaseException as e:  # shut down as usual, then re-raise it as it was
