@@ -98,10 +98,12 @@ class WorkerService:
         report: bytes | None = None,
         settings: MarketSettings | None = None,
         clock: Callable[[], float] = time.time,
+        ready: Callable[[], bool] = lambda: True,
     ) -> None:
         self.overlay = overlay
         self.identity = identity
         self.directory = directory
+        self.ready = ready  # publish only once this holds (a worker behind NAT waits for a relay)
         self.settings = settings or MarketSettings()
         self.clock = clock
         self.load = load
@@ -152,8 +154,17 @@ class WorkerService:
         self.publisher.update_profile(profile)
         self._wake.set()
 
+    def set_addrs(self, addrs: tuple[str, ...]) -> None:
+        """Offers name these addresses from now on (our reachability or relays changed)."""
+        profile = self.publisher.profile
+        if addrs != profile.addrs:
+            self.publisher.update_profile(attrs.evolve(profile, addrs=addrs))
+            self._wake.set()
+
     async def publish_now(self) -> bool:
         """Publish a fresh offer if one is due (refresh, price move); returns whether it did."""
+        if not self.ready():
+            return False
         sample = self.load()
         body = self.publisher.tick(self.clock(), active=sample.active, queue_tokens=sample.queue_tokens)
         if body is None:

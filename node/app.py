@@ -18,6 +18,8 @@ import trio
 from overlay.errors import ConfigError
 from overlay.host import Overlay, OverlaySettings, open_overlay
 from overlay.identity import Identity
+from overlay.nat import NatSettings
+from overlay.relaycore import RelayLimits
 
 from .config import NodeConfig
 from .control import StatusReply, serve_control
@@ -79,20 +81,39 @@ class NodeApp:
             boot = self._bootstrap_override
         else:
             boot = tuple(dict.fromkeys(self.network.bootstrap + o.bootstrap))
+        host = o.listen_host or ("127.0.0.1" if self.network.name == "devnet" else "0.0.0.0")
+        dht_mode = "server" if "bootstrap" in self.roles and o.dht_mode == "auto" else o.dht_mode
+        relays = o.relay and ("bootstrap" in self.roles or "proxy" in self.roles)
+        nat = NatSettings(
+            reachability=o.reachability,
+            relay_hop=relays,
+            holepunch=o.holepunch,
+            relay_limits=RelayLimits(
+                reservation_ttl_s=o.relay_reservation_s,
+                max_reservations=o.relay_reservations,
+                circuit_duration_s=o.relay_circuit_s,
+                circuit_bytes=o.relay_circuit_mb << 20,
+            ),
+        )
         return OverlaySettings(
-            listen_host=o.listen_host,
+            listen_host=host,
             listen_port=o.listen_port,
+            listen=o.listen,
+            announce=o.announce,
             bootstrap=tuple(b for b in boot if self.peer_id not in b),
-            dht_mode=o.dht_mode,
+            dht_mode=dht_mode,
             bootstrap_attempts=o.bootstrap_attempts,
             max_frame=o.max_frame,
             publish_rate=o.publish_rate,
+            nat=nat,
         )
 
     async def run(self, *, task_status: trio.TaskStatus[NodeApp] = trio.TASK_STATUS_IGNORED) -> None:
         """Run until cancelled; ``task_status.started(self)`` once everything is up."""
         async with open_overlay(self.identity, self.overlay_settings()) as ov:
             self._overlay = ov
+            if ov.nat.hop is not None:
+                ov.nat.hop.policy = lambda peer: False  # until a proxy role says whom it relays for
             self._started_at = trio.current_time()
             try:
                 async with trio.open_nursery() as nursery:
@@ -148,7 +169,9 @@ class NodeApp:
         ov = self.overlay
         st = ov.statistics()
         details = {c.name: c.status_section() for c in self.components}
+        details["nat"] = ov.nat.status_section()
         details["overlay"] = {
+            "dht": "server" if ov.dht.server else "client",
             "published": st.published,
             "received": st.received,
             "rejected": st.rejected,

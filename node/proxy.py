@@ -29,6 +29,7 @@ from ton.messages import SessionOpen
 from ton.metering import Prices
 from ton.paysessions import Route
 
+from .nat import relay_policy
 from .network import make_directory, stake_identity
 from .roles import NetworkContext
 
@@ -155,6 +156,8 @@ class ProxyRole:
                 settings=self.timings.market,
             )
             self.ctx.payments.set_router(self._route)
+            if ov.nat.hop is not None:
+                ov.nat.hop.policy = relay_policy(ov, self.directory, lambda: self.service)
             app.metrics.collector("cocoon_proxy", "gauge", "proxy offers and routed sessions", self._samples)
             await nursery.start(self.directory.run)
             await nursery.start(self.service.run)

@@ -41,13 +41,39 @@ from ton.metering import Prices
 from ton.session import WorkerSession
 
 from .config import NodeConfig
+from .nat import WorkerAddresses
 from .network import make_directory
 from .protocol import GENERATE_SEALED, PromptQuote
 from .roles import NetworkContext
 
-__all__ = ["WorkerRole", "model_hash"]
+__all__ = ["WorkerRole", "engine_status", "model_hash"]
 
 log = logging.getLogger(__name__)
+
+
+def engine_status(info: ModelInfo, device_lost: str = "") -> dict[str, object]:
+    """The engine lines of ``cocoon-node status``: weights, batch (= offer capacity), device and its memory."""
+    out: dict[str, object] = {
+        "weights": info.weights,
+        "batch": info.max_batch,
+        "context": info.context_length,
+    }
+    if info.device == "cpu":
+        out["device"] = "cpu"
+    else:
+        free = info.gpu_memory_free
+        try:  # live figure; the load-time one if the device cannot answer
+            from inference.device import describe_device
+
+            free = describe_device(info.device).memory_free
+        except Exception:
+            pass
+        out["device"] = f"{info.device} {info.gpu_name}"
+        out["gpu_memory"] = f"{free / 2**30:.1f} of {info.gpu_memory_total / 2**30:.1f} GiB free"
+        out["kv_cache"] = f"{info.kv_cache_bytes / 2**30:.2f} GiB"
+    if device_lost:
+        out["device_lost"] = f"{device_lost} (offers withdrawn)"
+    return out
 
 
 def model_hash(path: Path) -> bytes:
@@ -157,6 +183,7 @@ class WorkerRole:
         self.idle_stream_s = 60.0  # s an opened stream may wait for its request
         self.directory: Directory | None = None
         self.decode_tok_s = 0.0
+        self.device_lost = ""  # why the engine's GPU is gone (then our offers are withdrawn)
 
     # ------------------------------------------------------------------ start-up
 
@@ -247,17 +274,18 @@ class WorkerRole:
         directory = self.directory = make_directory(
             ov, app.identity, self.timings, self.ctx.seeds, self.ctx.stakes
         )
-        addrs = tuple(a.rsplit("/p2p/", 1)[0] for a in ov.listen_addrs())
+        self.addresses = WorkerAddresses(ov, directory)
         profile = WorkerProfile(
             app.peer_id,
             app.identity.public_key,
-            addrs,
+            (),  # set by self.addresses before the first offer
             info.model_id,
             digest,
             capacity=info.max_batch,
             max_context=info.context_length,
             decode_tok_s=max(self.decode_tok_s, 0.1),
             tier=self.provider.tier,
+            engine=info.engine,
         )
         self.market = WorkerService(
             ov,
@@ -268,6 +296,7 @@ class WorkerRole:
             load=self._load_sample,
             report=raw,
             settings=self.timings.market,
+            ready=self.addresses.ready,
         )
         self._receipt_key = KeyPair.from_seed(app.identity.seed())
         app.metrics.collector(
@@ -276,8 +305,10 @@ class WorkerRole:
         ov.set_stream_handler(GENERATE_SEALED, self.handle)
         async with trio.open_nursery() as nursery:
             await nursery.start(directory.run)
+            await nursery.start(self.addresses.run, self.market)
             await nursery.start(self.market.run)
             nursery.start_soon(self._rotation_loop)
+            nursery.start_soon(self._watch_device)
             log.info(
                 "worker ready: %s at %d/%d nanoTON per prompt/completion token (floor), tier %s",
                 info.model_id,
@@ -292,6 +323,18 @@ class WorkerRole:
                 with trio.CancelScope(shield=True), trio.move_on_after(3):
                     await self.market.withdraw()
                 await self.engine.close()
+
+    async def _watch_device(self) -> None:
+        """When the engine loses its GPU for good, withdraw our offers (new requests are refused)."""
+        wait = getattr(self.engine, "wait_device_lost", None)
+        if wait is None:
+            return
+        reason = str(await wait())
+        self.device_lost = reason
+        log.critical("the engine lost its device (%s); withdrawing our offers", reason)
+        if self.market is not None:
+            with trio.move_on_after(10):
+                await self.market.withdraw()
 
     # ------------------------------------------------------------------ one generation
 
@@ -399,6 +442,7 @@ class WorkerRole:
         return {
             "model": info.model_id if info else "loading",
             "engine": info.engine if info else "",
+            **(engine_status(info, self.device_lost) if info else {}),
             "tier": self.provider.tier if self.provider else "",
             "decode_tok_s": round(self.decode_tok_s, 1),
             "price_floor": f"{self.floor.prompt}/{self.floor.completion} nanoTON per prompt/completion token",

@@ -88,14 +88,17 @@ class Nat:
         self._probe_now.set()
 
     def servers(self) -> list[str]:
-        """Connected peers that answer dial-backs, over direct connections."""
-        out = []
-        for peer in self.overlay.connected_peers():
-            if not self.overlay.speaks(peer, DIALBACK_PROTOCOL):
-                continue
-            if any(not is_relayed_conn(c) for c in self.overlay.connections_of(peer)):
-                out.append(peer)
-        return out
+        """Peers to ask for dial-backs: directly connected, those known to answer them first.
+
+        Right after joining, identify may not have told us yet what a peer speaks;
+        asking a peer that does not answer dial-backs only costs a refused stream.
+        """
+        direct = [
+            p
+            for p in self.overlay.connected_peers()
+            if any(not is_relayed_conn(c) for c in self.overlay.connections_of(p))
+        ]
+        return sorted(direct, key=lambda p: not self.overlay.speaks(p, DIALBACK_PROTOCOL))
 
     async def probe(self) -> str:
         servers = self.servers()

@@ -191,6 +191,11 @@ class DialBackService:
     def status(self) -> str:
         return self.core.status(trio.current_time())
 
+    async def wait_changed(self) -> str:
+        """Wait for the next dial-back verdict; returns the status then."""
+        await self._changed.wait()
+        return self.status()
+
     async def wait_status(self, *wanted: str) -> str:
         """Wait until the status is one of ``wanted`` (bound it with trio.fail_after)."""
         while (s := self.status()) not in wanted:
