@@ -53,9 +53,19 @@ class NodeSection:
 
 @attrs.frozen
 class OverlaySection:
-    listen_host: str = "127.0.0.1"  # IPv4 to listen on; "0.0.0.0" to be reachable from outside
+    # IPv4 to listen on; "" = all interfaces (0.0.0.0), except on the devnet network (loopback)
+    listen_host: str = ""
     listen_port: int = 0  # TCP port; 0 = any free port
-    dht_mode: str = "server"  # "server" when reachable, "client" behind NAT
+    listen: bool = True  # accept inbound connections (false: outbound only, reached through relays)
+    announce: tuple[str, ...] = ()  # multiaddrs others should dial (e.g. a port forwarded by the router)
+    dht_mode: str = "auto"  # auto (server only while reachable) | server | client
+    reachability: str = "auto"  # auto (measured by dial-backs) | public | private (skip the measurement)
+    relay: bool = True  # a proxy or bootstrap node relays circuits for workers behind NAT
+    relay_reservations: int = 256  # reservations a relay holds at once
+    relay_reservation_s: float = 900.0  # s a reservation lasts before it must be renewed
+    relay_circuit_s: float = 1800.0  # s one relayed connection may stay open (0: no limit)
+    relay_circuit_mb: int = 256  # MiB one relayed connection may carry (0: no limit)
+    holepunch: bool = True  # try DCUtR hole punching after dialling a peer through a relay
     bootstrap: tuple[str, ...] = ()  # extra bootstrap multiaddrs (added to the network's list)
     bootstrap_attempts: int = 5  # tries per bootstrap address
     max_frame: int = 1 << 20  # bytes, largest frame on our streams
@@ -65,8 +75,8 @@ class OverlaySection:
 @attrs.frozen
 class WorkerSection:
     model: str = "default"  # "default" (SmolLM2-135M-Instruct), a GGUF file or a Hugging Face directory
-    engine: str = "auto"  # auto | cpu | exllamav2
-    max_batch: int = 8  # concurrent requests decoded together
+    engine: str = "auto"  # auto | cpu | cuda | exllamav2 | exllamav3 (auto: the best that loads here)
+    max_batch: int = 8  # concurrent requests decoded together (at most; the engine reports what it runs)
     max_context: int = 2048  # tokens, prompt + completion
     price_prompt: int = 250  # nanoTON per prompt token at zero load (the floor)
     price_completion: int = 1000  # nanoTON per completion token at zero load (1 TON per 1M tokens)
