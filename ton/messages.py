@@ -16,12 +16,6 @@ import attrs
 
 from overlay import wire
 
-
-def _w(max_len: int) -> dict[str, dict[str, int]]:
-    """Wire limits as attrs metadata (keeps mypy's attrs plugin exact)."""
-    return {"wire": {"max_len": max_len}}
-
-
 __all__ = [
     "ChannelCheck",
     "ChannelChecked",
@@ -45,11 +39,11 @@ __all__ = [
 class PayState:
     """A party's cumulative outgoing state: ``sent`` nanoTON in total, at ``seqno``, signed."""
 
-    channel_id: bytes = attrs.field(metadata=_w(16))
+    channel_id: bytes = attrs.field(metadata=wire.limits(max_len=16))
     party: int  # 0 = A, 1 = B: whose state this is
     seqno: int
     sent: int
-    signature: bytes = attrs.field(metadata=_w(64))
+    signature: bytes = attrs.field(metadata=wire.limits(max_len=64))
 
 
 @wire.message(401)
@@ -57,7 +51,7 @@ class PayState:
 class CommitProposal:
     """A cooperative commit (``close`` False) or close proposal, signed by the proposer."""
 
-    channel_id: bytes = attrs.field(metadata=_w(16))
+    channel_id: bytes = attrs.field(metadata=wire.limits(max_len=16))
     seqno_a: int
     seqno_b: int
     sent_a: int
@@ -65,7 +59,7 @@ class CommitProposal:
     withdraw_a: int  # cumulative withdrawals after the commit (ignored for a close)
     withdraw_b: int
     close: bool
-    signature: bytes = attrs.field(metadata=_w(64))
+    signature: bytes = attrs.field(metadata=wire.limits(max_len=64))
 
 
 @wire.message(402)
@@ -73,9 +67,9 @@ class CommitProposal:
 class CommitSignature:
     """The counterparty's signature over the proposal's payload."""
 
-    channel_id: bytes = attrs.field(metadata=_w(16))
+    channel_id: bytes = attrs.field(metadata=wire.limits(max_len=16))
     close: bool
-    signature: bytes = attrs.field(metadata=_w(64))
+    signature: bytes = attrs.field(metadata=wire.limits(max_len=64))
 
 
 @wire.message(403)
@@ -83,15 +77,15 @@ class CommitSignature:
 class ChannelRecord:
     """Everything one side must keep about a channel (persisted before any message is sent)."""
 
-    channel_id: bytes = attrs.field(metadata=_w(16))
+    channel_id: bytes = attrs.field(metadata=wire.limits(max_len=16))
     me: int
-    phase: str = attrs.field(metadata=_w(16))
+    phase: str = attrs.field(metadata=wire.limits(max_len=16))
     own_seqno: int
     own_sent: int
-    own_sig: bytes = attrs.field(metadata=_w(64))
+    own_sig: bytes = attrs.field(metadata=wire.limits(max_len=64))
     peer_seqno: int
     peer_sent: int
-    peer_sig: bytes = attrs.field(metadata=_w(64))
+    peer_sig: bytes = attrs.field(metadata=wire.limits(max_len=64))
     deposit_a: int
     deposit_b: int
     withdrawn_a: int
@@ -111,9 +105,9 @@ class ChannelRecord:
 class OpenChannel:
     """Payer -> payee, first message of an open: the payer's half of the channel parameters."""
 
-    nonce: bytes = attrs.field(metadata=_w(32))  # fresh random: half of the channel id
-    key: bytes = attrs.field(metadata=_w(32))  # the payer's Ed25519 channel key
-    address: str = attrs.field(metadata=_w(80))  # the payer's payout address (its wallet)
+    nonce: bytes = attrs.field(metadata=wire.limits(max_len=32))  # fresh random: half of the channel id
+    key: bytes = attrs.field(metadata=wire.limits(max_len=32))  # the payer's Ed25519 channel key
+    address: str = attrs.field(metadata=wire.limits(max_len=80))  # the payer's payout address (its wallet)
     deposit: int  # nanoTON the payer will deposit
     quarantine: int  # seconds
     fine: int  # nanoTON
@@ -124,11 +118,11 @@ class OpenChannel:
 class OpenAccept:
     """Payee -> payer: the payee's half; both sides derive the channel id and address."""
 
-    nonce: bytes = attrs.field(metadata=_w(32))
-    key: bytes = attrs.field(metadata=_w(32))
-    address: str = attrs.field(metadata=_w(80))
-    channel_id: bytes = attrs.field(metadata=_w(16))  # derived from both nonces and keys
-    channel_address: str = attrs.field(metadata=_w(80))  # the contract's address, "0:<hex>"
+    nonce: bytes = attrs.field(metadata=wire.limits(max_len=32))
+    key: bytes = attrs.field(metadata=wire.limits(max_len=32))
+    address: str = attrs.field(metadata=wire.limits(max_len=80))
+    channel_id: bytes = attrs.field(metadata=wire.limits(max_len=16))  # derived from both nonces and keys
+    channel_address: str = attrs.field(metadata=wire.limits(max_len=80))  # the contract's address, "0:<hex>"
 
 
 @wire.message(406)
@@ -136,7 +130,7 @@ class OpenAccept:
 class ChannelCheck:
     """Asks the counterparty to read this channel on chain now (after a deploy, top-up, settlement)."""
 
-    channel_id: bytes = attrs.field(metadata=_w(16))
+    channel_id: bytes = attrs.field(metadata=wire.limits(max_len=16))
 
 
 @wire.message(407)
@@ -144,8 +138,8 @@ class ChannelCheck:
 class ChannelChecked:
     """The counterparty verified the channel on chain and adopted what it saw."""
 
-    channel_id: bytes = attrs.field(metadata=_w(16))
-    status: str = attrs.field(metadata=_w(16))  # "open" | "closed" | ...
+    channel_id: bytes = attrs.field(metadata=wire.limits(max_len=16))
+    status: str = attrs.field(metadata=wire.limits(max_len=16))  # "open" | "closed" | ...
     deposit_a: int
     deposit_b: int
     seqno_a: int  # committed seqnos the counterparty now knows
@@ -157,16 +151,18 @@ class ChannelChecked:
 class ChannelMeta:
     """What the payment manager persists beside each channel's record."""
 
-    channel_id: bytes = attrs.field(metadata=_w(16))
+    channel_id: bytes = attrs.field(metadata=wire.limits(max_len=16))
     me: int  # our party: 0 = A (payer), 1 = B (payee)
-    peer_id: str = attrs.field(metadata=_w(128))
-    key_a: bytes = attrs.field(metadata=_w(32))
-    key_b: bytes = attrs.field(metadata=_w(32))
-    addr_a: str = attrs.field(metadata=_w(80))
-    addr_b: str = attrs.field(metadata=_w(80))
+    peer_id: str = attrs.field(metadata=wire.limits(max_len=128))
+    key_a: bytes = attrs.field(metadata=wire.limits(max_len=32))
+    key_b: bytes = attrs.field(metadata=wire.limits(max_len=32))
+    addr_a: str = attrs.field(metadata=wire.limits(max_len=80))
+    addr_b: str = attrs.field(metadata=wire.limits(max_len=80))
     quarantine: int
     fine: int
-    status: str = attrs.field(metadata=_w(16))  # proposed | deploying | open | closing | closed | failed
+    status: str = attrs.field(
+        metadata=wire.limits(max_len=16)
+    )  # proposed | deploying | open | closing | closed | failed
     created_at: float
     deposit: int  # the deposit the payer announced
 
@@ -176,9 +172,9 @@ class ChannelMeta:
 class SessionOpen:
     """The payer opens a metered session bound to an offer's prices."""
 
-    session_id: bytes = attrs.field(metadata=_w(32))
-    offer_id: bytes = attrs.field(metadata=_w(64))
-    channel_id: bytes = attrs.field(metadata=_w(16))
+    session_id: bytes = attrs.field(metadata=wire.limits(max_len=32))
+    offer_id: bytes = attrs.field(metadata=wire.limits(max_len=64))
+    channel_id: bytes = attrs.field(metadata=wire.limits(max_len=16))
     price_prompt: int  # nanoTON per prompt token
     price_completion: int  # nanoTON per completion token
     prompt_tokens: int
@@ -188,7 +184,7 @@ class SessionOpen:
 @wire.message(421)
 @attrs.frozen
 class SessionAccept:
-    session_id: bytes = attrs.field(metadata=_w(32))
+    session_id: bytes = attrs.field(metadata=wire.limits(max_len=32))
     receipt_every: int  # the worker signs a receipt every this many completion tokens
     credit_window: int  # unpaid completion tokens the worker streams before pausing
 
@@ -198,11 +194,13 @@ class SessionAccept:
 class Receipt:
     """The worker's signed count of completion tokens delivered so far in a session."""
 
-    session_id: bytes = attrs.field(metadata=_w(32))
+    session_id: bytes = attrs.field(metadata=wire.limits(max_len=32))
     tokens: int  # cumulative completion tokens delivered
-    token_hash: bytes = attrs.field(metadata=_w(32))  # hash chain over the delivered token ids
+    token_hash: bytes = attrs.field(
+        metadata=wire.limits(max_len=32)
+    )  # hash chain over the delivered token ids
     final: bool
-    signature: bytes = attrs.field(metadata=_w(64))
+    signature: bytes = attrs.field(metadata=wire.limits(max_len=64))
 
 
 @wire.message(423)
@@ -210,7 +208,7 @@ class Receipt:
 class SessionPayment:
     """A payment for a session: the payer pays for ``tokens`` completion tokens (cumulative)."""
 
-    session_id: bytes = attrs.field(metadata=_w(32))
+    session_id: bytes = attrs.field(metadata=wire.limits(max_len=32))
     tokens: int  # completion tokens paid for, cumulative in the session
     amount: int  # nanoTON paid for this session so far (prompt + completion)
     state: PayState
@@ -219,5 +217,5 @@ class SessionPayment:
 @wire.message(424)
 @attrs.frozen
 class SessionClose:
-    session_id: bytes = attrs.field(metadata=_w(32))
-    reason: str = attrs.field(metadata=_w(64))
+    session_id: bytes = attrs.field(metadata=wire.limits(max_len=32))
+    reason: str = attrs.field(metadata=wire.limits(max_len=64))

@@ -45,10 +45,6 @@ _R = TypeVar("_R")
 MAX_BOC = 64 * 1024
 
 
-def _w(max_len: int) -> dict[str, dict[str, int]]:
-    return {"wire": {"max_len": max_len}}
-
-
 @wire.message(450)
 @attrs.frozen
 class NowRequest:
@@ -58,27 +54,27 @@ class NowRequest:
 @wire.message(451)
 @attrs.frozen
 class AccountRequest:
-    address: str = attrs.field(metadata=_w(80))
+    address: str = attrs.field(metadata=wire.limits(max_len=80))
 
 
 @wire.message(452)
 @attrs.frozen
 class SendExternalRequest:
-    boc: bytes = attrs.field(metadata=_w(MAX_BOC))
+    boc: bytes = attrs.field(metadata=wire.limits(max_len=MAX_BOC))
 
 
 @wire.message(453)
 @attrs.frozen
 class GetMethodRequest:
-    address: str = attrs.field(metadata=_w(80))
-    method: str = attrs.field(metadata=_w(128))
-    stack_boc: bytes = attrs.field(metadata=_w(MAX_BOC))
+    address: str = attrs.field(metadata=wire.limits(max_len=80))
+    method: str = attrs.field(metadata=wire.limits(max_len=128))
+    stack_boc: bytes = attrs.field(metadata=wire.limits(max_len=MAX_BOC))
 
 
 @wire.message(454)
 @attrs.frozen
 class TransactionsRequest:
-    address: str = attrs.field(metadata=_w(80))
+    address: str = attrs.field(metadata=wire.limits(max_len=80))
     after_lt: int
     limit: int
 
@@ -86,7 +82,7 @@ class TransactionsRequest:
 @wire.message(455)
 @attrs.frozen
 class WaitTransactionRequest:
-    address: str = attrs.field(metadata=_w(80))
+    address: str = attrs.field(metadata=wire.limits(max_len=80))
     after_lt: int
     timeout: float
 
@@ -101,9 +97,9 @@ class EpochSeedRequest:
 @wire.message(457)
 @attrs.frozen
 class FundRequest:
-    address: str = attrs.field(metadata=_w(80))
+    address: str = attrs.field(metadata=wire.limits(max_len=80))
     amount: int
-    state_init_boc: bytes | None = attrs.field(default=None, metadata=_w(MAX_BOC))
+    state_init_boc: bytes | None = attrs.field(default=None, metadata=wire.limits(max_len=MAX_BOC))
 
 
 @wire.message(458)
@@ -121,18 +117,18 @@ class IntReply:
 @wire.message(466)
 @attrs.frozen
 class AccountReply:
-    address: str = attrs.field(metadata=_w(80))
-    status: str = attrs.field(metadata=_w(16))
+    address: str = attrs.field(metadata=wire.limits(max_len=80))
+    status: str = attrs.field(metadata=wire.limits(max_len=16))
     balance: int
     last_lt: int
-    code_hash: bytes | None = attrs.field(default=None, metadata=_w(32))
+    code_hash: bytes | None = attrs.field(default=None, metadata=wire.limits(max_len=32))
 
 
 @attrs.frozen
 class TxRecord:
-    account: str = attrs.field(metadata=_w(80))
+    account: str = attrs.field(metadata=wire.limits(max_len=80))
     lt: int
-    hash: bytes = attrs.field(metadata=_w(32))
+    hash: bytes = attrs.field(metadata=wire.limits(max_len=32))
     now: int
     exit_code: int
     success: bool
@@ -152,13 +148,13 @@ class TxListReply:
 @wire.message(468)
 @attrs.frozen
 class StackReply:
-    stack_boc: bytes = attrs.field(metadata=_w(MAX_BOC))
+    stack_boc: bytes = attrs.field(metadata=wire.limits(max_len=MAX_BOC))
 
 
 @wire.message(469)
 @attrs.frozen
 class BytesReply:
-    value: bytes = attrs.field(metadata=_w(MAX_BOC))
+    value: bytes = attrs.field(metadata=wire.limits(max_len=MAX_BOC))
 
 
 def _tx_record(t: TxInfo) -> TxRecord:

@@ -44,36 +44,32 @@ MAX_COLLATERAL = 64 * 1024  # bytes: a collateral bundle is about 16 KB
 MAX_SEALED = 768 * 1024  # bytes: one sealed message (under the 1 MiB frame limit)
 
 
-def _w(*, max_len: int | None = None, max_items: int | None = None) -> dict[str, dict[str, int]]:
-    """Wire limits as attrs metadata (``attrs.field(metadata=_w(...))`` keeps mypy's attrs plugin exact)."""
-    meta = {}
-    if max_len is not None:
-        meta["max_len"] = max_len
-    if max_items is not None:
-        meta["max_items"] = max_items
-    return {"wire": meta}
-
-
 @wire.message(300)
 @attrs.frozen
 class Claims:
     """What the worker's TEE (or, for tier ``none``, its identity key) vouches for."""
 
     version: int  # CLAIMS_VERSION
-    tier: str = attrs.field(metadata=_w(max_len=16))  # "tdx" | "none"
-    peer_id: str = attrs.field(metadata=_w(max_len=64))  # the worker's libp2p peer id
+    tier: str = attrs.field(metadata=wire.limits(max_len=16))  # "tdx" | "none"
+    peer_id: str = attrs.field(metadata=wire.limits(max_len=64))  # the worker's libp2p peer id
     enc_pk: bytes = attrs.field(
-        metadata=_w(max_len=32)
+        metadata=wire.limits(max_len=32)
     )  # X25519 public key requests are sealed to (rotates per epoch)
-    sig_pk: bytes = attrs.field(metadata=_w(max_len=32))  # Ed25519 public key of the TEE (rotates per epoch)
-    model_id: str = attrs.field(metadata=_w(max_len=128))
-    model_hash: bytes = attrs.field(metadata=_w(max_len=32))  # SHA-256 of weights + tokenizer + template
+    sig_pk: bytes = attrs.field(
+        metadata=wire.limits(max_len=32)
+    )  # Ed25519 public key of the TEE (rotates per epoch)
+    model_id: str = attrs.field(metadata=wire.limits(max_len=128))
+    model_hash: bytes = attrs.field(
+        metadata=wire.limits(max_len=32)
+    )  # SHA-256 of weights + tokenizer + template
     epoch: int  # the epoch these keys belong to
-    epoch_beacon: bytes = attrs.field(metadata=_w(max_len=32))  # the chain's seed of that epoch (freshness)
+    epoch_beacon: bytes = attrs.field(
+        metadata=wire.limits(max_len=32)
+    )  # the chain's seed of that epoch (freshness)
     issued_at: int  # seconds
     not_after: int  # seconds: the claims (and their keys) expire
     gpu_evidence_hash: bytes = attrs.field(
-        default=b"", metadata=_w(max_len=64)
+        default=b"", metadata=wire.limits(max_len=64)
     )  # H(GPU CC evidence); b"" if none
 
 
@@ -82,13 +78,13 @@ class Claims:
 class AttestationReport:
     """A worker's attestation: its claims and the evidence that binds them."""
 
-    tier: str = attrs.field(metadata=_w(max_len=16))  # must equal claims.tier
+    tier: str = attrs.field(metadata=wire.limits(max_len=16))  # must equal claims.tier
     claims: Claims
     evidence: bytes = attrs.field(
-        metadata=_w(max_len=MAX_QUOTE)
+        metadata=wire.limits(max_len=MAX_QUOTE)
     )  # tdx: raw quote; none: Ed25519 sig by identity
     collateral_ref: bytes = attrs.field(
-        metadata=_w(max_len=32)
+        metadata=wire.limits(max_len=32)
     )  # SHA-256 of the CollateralBundle json; b"" for none
 
 
@@ -97,19 +93,19 @@ class AttestationReport:
 class CollateralBundle:
     """dcap-qvl ``QuoteCollateralV3`` JSON; its reference is SHA-256 of the UTF-8 text."""
 
-    json: str = attrs.field(metadata=_w(max_len=MAX_COLLATERAL))
+    json: str = attrs.field(metadata=wire.limits(max_len=MAX_COLLATERAL))
 
 
 @attrs.frozen
 class Measurement:
     """One allowed TD image: MRTD (firmware) and RTMR0..3 (config, kernel, initrd+cmdline, app)."""
 
-    name: str = attrs.field(metadata=_w(max_len=64))  # e.g. "cocoon-worker 0.1.0"
-    mrtd: bytes = attrs.field(metadata=_w(max_len=48))
-    rtmr0: bytes = attrs.field(metadata=_w(max_len=48))
-    rtmr1: bytes = attrs.field(metadata=_w(max_len=48))
-    rtmr2: bytes = attrs.field(metadata=_w(max_len=48))
-    rtmr3: bytes = attrs.field(metadata=_w(max_len=48))
+    name: str = attrs.field(metadata=wire.limits(max_len=64))  # e.g. "cocoon-worker 0.1.0"
+    mrtd: bytes = attrs.field(metadata=wire.limits(max_len=48))
+    rtmr0: bytes = attrs.field(metadata=wire.limits(max_len=48))
+    rtmr1: bytes = attrs.field(metadata=wire.limits(max_len=48))
+    rtmr2: bytes = attrs.field(metadata=wire.limits(max_len=48))
+    rtmr3: bytes = attrs.field(metadata=wire.limits(max_len=48))
 
 
 @wire.message(310)
@@ -120,9 +116,13 @@ class TeePolicy:
     seq: int  # strictly increasing release number
     issued_at: int  # seconds
     not_after: int  # seconds: the policy must be renewed before this
-    measurements: tuple[Measurement, ...] = attrs.field(metadata=_w(max_items=256))
-    tcb_statuses: tuple[str, ...] = attrs.field(default=("UpToDate",), metadata=_w(max_items=8, max_len=48))
-    rejected_advisories: tuple[str, ...] = attrs.field(default=(), metadata=_w(max_items=256, max_len=32))
+    measurements: tuple[Measurement, ...] = attrs.field(metadata=wire.limits(max_items=256))
+    tcb_statuses: tuple[str, ...] = attrs.field(
+        default=("UpToDate",), metadata=wire.limits(max_items=8, max_len=48)
+    )
+    rejected_advisories: tuple[str, ...] = attrs.field(
+        default=(), metadata=wire.limits(max_items=256, max_len=32)
+    )
     min_tcb_eval_number: int = 0  # reject collateral older than this TCB evaluation data number
     allow_dynamic_platform: bool = True  # multi-package platforms (typical cloud hosts)
     allow_cached_keys: bool = True
@@ -131,15 +131,17 @@ class TeePolicy:
 
 @attrs.frozen
 class PolicySignature:
-    signer: bytes = attrs.field(metadata=_w(max_len=32))  # raw Ed25519 public key (must be pinned)
-    signature: bytes = attrs.field(metadata=_w(max_len=64))  # over POLICY_LABEL || wire.encode(policy)
+    signer: bytes = attrs.field(metadata=wire.limits(max_len=32))  # raw Ed25519 public key (must be pinned)
+    signature: bytes = attrs.field(
+        metadata=wire.limits(max_len=64)
+    )  # over POLICY_LABEL || wire.encode(policy)
 
 
 @wire.message(311)
 @attrs.frozen
 class SignedPolicy:
     policy: TeePolicy
-    signatures: tuple[PolicySignature, ...] = attrs.field(metadata=_w(max_items=16))
+    signatures: tuple[PolicySignature, ...] = attrs.field(metadata=wire.limits(max_items=16))
 
 
 @wire.message(320)
@@ -148,9 +150,9 @@ class SealedRequest:
     """First frame of a confidential stream: HPKE ``enc || ciphertext`` to the claims' X25519 key."""
 
     claims_hash: bytes = attrs.field(
-        metadata=_w(max_len=64)
+        metadata=wire.limits(max_len=64)
     )  # which claims (hence which key) it is sealed to
-    sealed: bytes = attrs.field(metadata=_w(max_len=MAX_SEALED))
+    sealed: bytes = attrs.field(metadata=wire.limits(max_len=MAX_SEALED))
 
 
 @wire.message(321)
@@ -160,7 +162,7 @@ class SealedChunk:
 
     seq: int
     final: bool
-    box: bytes = attrs.field(metadata=_w(max_len=MAX_SEALED))
+    box: bytes = attrs.field(metadata=wire.limits(max_len=MAX_SEALED))
 
 
 @wire.message(322)
@@ -172,9 +174,13 @@ class TranscriptSignature:
     signature is evidence a third party can check (disputes over tokens delivered).
     """
 
-    stream_id: bytes = attrs.field(metadata=_w(max_len=16))
+    stream_id: bytes = attrs.field(metadata=wire.limits(max_len=16))
     sent: int  # messages the worker sent before the final chunk
     received: int  # messages it received, the request included
-    sent_hash: bytes = attrs.field(metadata=_w(max_len=32))  # SHA-256 over len||plaintext of each sent
-    received_hash: bytes = attrs.field(metadata=_w(max_len=32))
-    signature: bytes = attrs.field(metadata=_w(max_len=64))  # by claims.sig_pk, see seal.transcript_message
+    sent_hash: bytes = attrs.field(
+        metadata=wire.limits(max_len=32)
+    )  # SHA-256 over len||plaintext of each sent
+    received_hash: bytes = attrs.field(metadata=wire.limits(max_len=32))
+    signature: bytes = attrs.field(
+        metadata=wire.limits(max_len=64)
+    )  # by claims.sig_pk, see seal.transcript_message
