@@ -8,6 +8,8 @@ Two backends implement it with the same behaviour:
 - :class:`ton.lite.LiteChainClient`: TON testnet or mainnet through pytoniq's LiteBalancer.
 
 Higher layers (wallet transfers, channel operations, the watcher) talk only to this Protocol.
+What every backend derives from get-methods (:func:`read_channel_state`, :func:`read_wallet_seqno`)
+is written once here, on top of ``get_account`` and ``run_get_method``.
 Addresses are raw strings ``"0:<64 hex>"``; amounts are nanoTON; times are chain unix seconds.
 """
 
@@ -21,7 +23,7 @@ from pytoniq_core.boc.cell import Cell
 
 from overlay.errors import ChainError
 
-from .contract import ChannelData
+from .contract import ChannelData, parse_channel_data, parse_quarantine
 
 __all__ = [
     "EPOCH_SECONDS",
@@ -30,6 +32,8 @@ __all__ = [
     "ExternalRejected",
     "TxInfo",
     "normalize_address",
+    "read_channel_state",
+    "read_wallet_seqno",
 ]
 
 EPOCH_SECONDS = 3600  # default length of a proxy-election epoch (seconds)
@@ -121,3 +125,32 @@ class ChainClient(Protocol):
     async def epoch_seed(self, epoch: int, *, epoch_seconds: int = EPOCH_SECONDS) -> bytes:
         """32 bytes fixed by the chain for ``epoch`` (proxy election); only for started epochs."""
         ...
+
+
+class _GetMethods(Protocol):
+    async def get_account(self, address: str) -> AccountInfo: ...
+
+    async def run_get_method(self, address: str, method: str, stack: list[Any]) -> list[Any]: ...
+
+
+async def read_channel_state(chain: _GetMethods, address: str) -> ChannelData | None:
+    """``get_channel_state`` of every backend: the channel's data and quarantine, None when the
+    account is not active; ChainError when the contract there is not a channel."""
+    if (await chain.get_account(address)).status != "active":
+        return None
+    try:
+        data = parse_channel_data(await chain.run_get_method(address, "get_channel_data", []))
+        q = parse_quarantine(await chain.run_get_method(address, "get_quarantine", []))
+    except ValueError as e:
+        raise ChainError(f"{address} is not a channel: {e}") from e
+    return attrs.evolve(data, quarantine=q)
+
+
+async def read_wallet_seqno(chain: _GetMethods, address: str) -> int:
+    """``wallet_seqno`` of every backend: 0 when the wallet is not deployed."""
+    if (await chain.get_account(address)).status != "active":
+        return 0
+    out = await chain.run_get_method(address, "seqno", [])
+    if not out or not isinstance(out[0], int):
+        raise ChainError("seqno get-method returned no integer")
+    return int(out[0])

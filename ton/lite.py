@@ -34,8 +34,16 @@ from pytoniq_core.boc.cell import Cell
 
 from overlay.errors import ChainError, ConfigError
 
-from .chain import EPOCH_SECONDS, AccountInfo, ExternalRejected, TxInfo, normalize_address
-from .contract import ChannelData, parse_channel_data, parse_quarantine
+from .chain import (
+    EPOCH_SECONDS,
+    AccountInfo,
+    ExternalRejected,
+    TxInfo,
+    normalize_address,
+    read_channel_state,
+    read_wallet_seqno,
+)
+from .contract import ChannelData
 
 __all__ = [
     "AsyncioRunner",
@@ -174,24 +182,10 @@ class LiteChainClient:
         return list(await self._call("run_get_method", Address(normalize_address(address)), method, stack))
 
     async def get_channel_state(self, address: str) -> ChannelData | None:
-        if (await self.get_account(address)).status != "active":
-            return None
-        try:
-            data = parse_channel_data(await self.run_get_method(address, "get_channel_data", []))
-            q = parse_quarantine(await self.run_get_method(address, "get_quarantine", []))
-        except ValueError as e:
-            raise ChainError(f"{address} is not a channel: {e}") from e
-        import attrs
-
-        return attrs.evolve(data, quarantine=q)
+        return await read_channel_state(self, address)
 
     async def wallet_seqno(self, address: str) -> int:
-        if (await self.get_account(address)).status != "active":
-            return 0
-        out = await self.run_get_method(address, "seqno", [])
-        if not out or not isinstance(out[0], int):
-            raise ChainError("seqno get-method returned no integer")
-        return int(out[0])
+        return await read_wallet_seqno(self, address)
 
     async def transactions(self, address: str, after_lt: int = 0, limit: int = 64) -> list[TxInfo]:
         addr = normalize_address(address)

@@ -18,8 +18,15 @@ from pytoniq_core.tlb.account import StateInit
 
 from overlay.errors import ChainError
 
-from .chain import EPOCH_SECONDS, AccountInfo, TxInfo, normalize_address
-from .contract import ChannelData, parse_channel_data, parse_quarantine
+from .chain import (
+    EPOCH_SECONDS,
+    AccountInfo,
+    TxInfo,
+    normalize_address,
+    read_channel_state,
+    read_wallet_seqno,
+)
+from .contract import ChannelData
 from .localchain import LocalChain
 
 __all__ = ["LocalChainService", "MAX_FUND"]
@@ -89,23 +96,10 @@ class LocalChainService:
         return out
 
     async def get_channel_state(self, address: str) -> ChannelData | None:
-        info = self.chain.account(address)
-        if info.status != "active":
-            return None
-        try:
-            data = parse_channel_data(await self.run_get_method(address, "get_channel_data", []))
-            q = parse_quarantine(await self.run_get_method(address, "get_quarantine", []))
-        except ValueError as e:
-            raise ChainError(f"{address} is not a channel: {e}") from e
-        return ChannelData(**{**_fields(data), "quarantine": q})
+        return await read_channel_state(self, address)
 
     async def wallet_seqno(self, address: str) -> int:
-        if self.chain.account(address).status != "active":
-            return 0
-        out = await self.run_get_method(address, "seqno", [])
-        if not out or not isinstance(out[0], int):
-            raise ChainError("seqno get-method returned no integer")
-        return int(out[0])
+        return await read_wallet_seqno(self, address)
 
     async def transactions(self, address: str, after_lt: int = 0, limit: int = 64) -> list[TxInfo]:
         return self.chain.transactions(address, after_lt, limit)
@@ -126,9 +120,3 @@ class LocalChainService:
         if epoch * epoch_seconds > self._now():
             raise ChainError(f"epoch {epoch} has not started")
         return self.chain.epoch_seed(epoch)
-
-
-def _fields(data: ChannelData) -> dict[str, Any]:
-    import attrs
-
-    return attrs.asdict(data, recurse=False)

@@ -32,8 +32,8 @@ from overlay import wire
 from overlay.errors import ChainError, DecodeError, NodeError, RemoteError, TransportError
 from overlay.streams import FramedStream, expect
 
-from .chain import EPOCH_SECONDS, AccountInfo, ExternalRejected, TxInfo
-from .contract import ChannelData, parse_channel_data, parse_quarantine
+from .chain import EPOCH_SECONDS, AccountInfo, ExternalRejected, TxInfo, read_channel_state, read_wallet_seqno
+from .contract import ChannelData
 from .localchain import open_local_chain
 from .localservice import LocalChainService
 from .wallets import Wallet
@@ -383,22 +383,10 @@ class LocalChainClient:
         return _parse_stack(r.stack_boc)
 
     async def get_channel_state(self, address: str) -> ChannelData | None:
-        if (await self.get_account(address)).status != "active":
-            return None
-        try:
-            data = parse_channel_data(await self.run_get_method(address, "get_channel_data", []))
-            q = parse_quarantine(await self.run_get_method(address, "get_quarantine", []))
-        except ValueError as e:
-            raise ChainError(f"{address} is not a channel: {e}") from e
-        return attrs.evolve(data, quarantine=q)
+        return await read_channel_state(self, address)
 
     async def wallet_seqno(self, address: str) -> int:
-        if (await self.get_account(address)).status != "active":
-            return 0
-        out = await self.run_get_method(address, "seqno", [])
-        if not out or not isinstance(out[0], int):
-            raise ChainError("seqno get-method returned no integer")
-        return int(out[0])
+        return await read_wallet_seqno(self, address)
 
     async def transactions(self, address: str, after_lt: int = 0, limit: int = 64) -> list[TxInfo]:
         r = await self._call(TransactionsRequest(address, after_lt, limit), TxListReply)
