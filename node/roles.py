@@ -15,7 +15,7 @@ from contextlib import AsyncExitStack
 import trio
 
 from market.directory import ProxyRef
-from overlay.errors import ChainError, ConfigError
+from overlay.errors import ChainError, ConfigError, NodeError
 from ton.chain import ChainClient
 from ton.manager import PaymentManager
 from ton.wallets import WalletVersion, wallet_from_data_dir
@@ -29,6 +29,7 @@ __all__ = ["DEVNET_FUNDING", "NetworkContext", "bootstrap_proxy_refs"]
 log = logging.getLogger(__name__)
 TON = 1_000_000_000
 DEVNET_FUNDING = 50 * TON  # nanoTON each devnet wallet gets from the local chain's faucet
+BALANCE_EVERY = 30.0  # seconds between wallet balance reads
 
 
 def bootstrap_proxy_refs(network: Network) -> tuple[ProxyRef, ...]:
@@ -133,12 +134,21 @@ class NetworkContext:
                 task_status.started()
 
     async def _watch_balance(self) -> None:
+        """Re-read the wallet balance every BALANCE_EVERY seconds. A chain that does not answer
+        is a WARNING once (the last figure is kept), and an INFO line when it answers again."""
+        failing = False
         while True:
-            await trio.sleep(30)
+            await trio.sleep(BALANCE_EVERY)
             try:
                 self.wallet_balance = await self.chain.get_balance(self.payments.address)
-            except Exception as e:  # the chain is down for a moment: keep the last figure
-                log.debug("wallet balance: %s", e)
+            except (NodeError, OSError) as e:
+                if not failing:
+                    log.warning("cannot read the wallet balance from the chain (keeping the last one): %s", e)
+                failing = True
+                continue
+            if failing:
+                log.info("the chain answers again: wallet balance %.3f TON", self.wallet_balance / TON)
+            failing = False
 
     async def action(self, name: str) -> str | None:
         """``settle``: close every payment channel cooperatively and report the payouts."""
