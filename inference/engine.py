@@ -20,7 +20,20 @@ iterator early cancels the generation and frees its cache.
 
 Errors raised by ``generate_stream`` before the first chunk are
 :class:`~overlay.errors.BadRequest` subclasses carrying a stable ``code``
-(the ErrorFrame code the service sends).
+(the ErrorFrame code the service sends), :class:`Overloaded`, or
+:class:`GenerationFailed` (the forward pass failed before the request's
+first token: a CUDA error, out of memory) and its subclass
+:class:`DeviceLost` (the GPU is gone for good; the engine refuses every
+request from then on and :meth:`ReportsDeviceLoss.wait_device_lost`
+returns, so the worker withdraws its offers).  A failure after tokens were
+streamed ends the stream with a final chunk of reason ``error`` instead, so
+every delivered token stays billed.
+
+Error classes of this package (all in the tree of :mod:`overlay.errors`)::
+
+    BadRequest: UnknownModel, ContextLengthExceeded, MaxTokensTooLarge, InvalidSampling, MalformedRequest
+    InferenceError: Overloaded, GenerationFailed -> DeviceLost
+    ConfigError: DeviceMemoryError (model + KV cache do not fit; names what to lower)
 """
 
 from __future__ import annotations
@@ -31,20 +44,24 @@ from typing import ClassVar, Protocol
 
 import attrs
 
-from overlay.errors import BadRequest, InferenceError
+from overlay.errors import BadRequest, ConfigError, InferenceError
 
 from .messages import Chunk, GenerateRequest
 
 __all__ = [
     "ContextLengthExceeded",
+    "DeviceLost",
+    "DeviceMemoryError",
     "encode_request",
     "Engine",
     "EngineStats",
+    "GenerationFailed",
     "InvalidSampling",
     "MalformedRequest",
     "MaxTokensTooLarge",
     "ModelInfo",
     "Overloaded",
+    "ReportsDeviceLoss",
     "UnknownModel",
     "check_request",
     "error_code",
@@ -77,6 +94,22 @@ class Overloaded(InferenceError):
     code: ClassVar[str] = "overloaded"
 
 
+class GenerationFailed(InferenceError):
+    """The engine failed running this request (CUDA error, out of memory); others go on. Retry elsewhere."""
+
+    code: ClassVar[str] = "generation_failed"
+
+
+class DeviceLost(GenerationFailed):
+    """The GPU is gone (a sticky CUDA error, the device fell off the bus); this worker serves nothing more."""
+
+    code: ClassVar[str] = "device_lost"
+
+
+class DeviceMemoryError(ConfigError):
+    """The weights and the KV cache do not fit in the device's memory; the message names what to lower."""
+
+
 def error_code(exc: BaseException) -> str:
     """The stable ErrorFrame code for an exception (``internal`` for anything unexpected)."""
     code = getattr(type(exc), "code", None)
@@ -92,17 +125,22 @@ class ModelInfo:
     """What a loaded engine serves."""
 
     model_id: str
-    engine: str  # "cpu" | "exllamav2"
+    engine: str  # "cpu" | "cuda" | "exllamav2" | "exllamav3"
     path: str
-    format: str  # "hf" | "gguf" | "exl2"
+    format: str  # "hf" | "gguf" | "exl2" | "exl3"
     n_params: int
     vocab_size: int
     context_length: int  # tokens: prompt + completion per request
     max_tokens: int  # the largest max_tokens a request may ask for
-    max_batch: int  # requests decoded together
+    max_batch: int  # requests the backend really decodes together (the offer's capacity)
     chat: bool  # a chat template is available
-    weights: str  # "int8" | "fp32" | "fp16" | "exl2"
+    weights: str  # "int8" | "fp32" | "fp16" | "bf16" | "exl2" | "exl3"
     load_s: float
+    device: str = "cpu"  # "cpu" | "cuda:0" ...
+    gpu_name: str = ""  # torch.cuda.get_device_name, "" on the CPU
+    gpu_memory_total: int = 0  # bytes of device memory, 0 on the CPU
+    gpu_memory_free: int = 0  # bytes free right after loading (weights and KV cache allocated)
+    kv_cache_bytes: int = 0  # bytes the KV cache takes
 
 
 @attrs.frozen
@@ -135,6 +173,14 @@ class Engine(Protocol):
     def stats(self) -> EngineStats: ...
 
     async def close(self) -> None: ...
+
+
+class ReportsDeviceLoss(Protocol):
+    """An engine that can lose its device (GPU engines); the worker withdraws its offers when it does."""
+
+    async def wait_device_lost(self) -> str:
+        """Return (with the reason) once the device is lost for good; never returns while it works."""
+        ...
 
 
 _MAX_TEMPERATURE = 5.0

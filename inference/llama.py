@@ -42,6 +42,8 @@ from overlay.errors import ModelLoadError
 from .kernels import decode_layers, qlinear
 
 __all__ = [
+    "DENSE_DTYPES",
+    "DenseLinear",
     "Fp32Linear",
     "Int8Linear",
     "LayerWeights",
@@ -125,12 +127,34 @@ class Fp32Linear:
         return F.linear(x, self.weight)
 
 
-def make_linear(weight: torch.Tensor, kind: str) -> Linear:
-    """A linear layer of ``kind`` ("int8" or "fp32") for an [out, in] weight."""
+#: weight kinds of the dense path (:mod:`inference.dense`) and their dtypes
+DENSE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class DenseLinear:
+    """``y = x @ W.T`` in the weight's dtype on its device (the dense path: fp32/fp16/bf16, CPU or CUDA)."""
+
+    def __init__(self, weight: torch.Tensor, dtype: torch.dtype, device: str | torch.device) -> None:
+        self.weight = weight.detach().to(device=device, dtype=dtype).contiguous()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+def make_linear(weight: torch.Tensor, kind: str, device: str = "cpu") -> Linear:
+    """A linear layer of ``kind`` ("int8", "fp32", "fp16", "bf16") for an [out, in] weight.
+
+    int8 and fp32 on the CPU are the layouts of :class:`LlamaModel`'s TorchScript
+    decode; fp16 / bf16, or any kind on another device, are :class:`DenseLinear`.
+    """
     if kind == "int8":
+        if device != "cpu":
+            raise ValueError("int8 weights run on the CPU only")
         return Int8Linear(weight)
-    if kind == "fp32":
+    if kind == "fp32" and device == "cpu":
         return Fp32Linear(weight)
+    if kind in DENSE_DTYPES:
+        return DenseLinear(weight, DENSE_DTYPES[kind], device)
     raise ValueError(f"unknown weight kind {kind!r}")
 
 

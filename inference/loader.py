@@ -21,7 +21,17 @@ import torch
 from overlay.errors import ModelLoadError
 
 from .gguf_file import read_gguf
-from .llama import LayerWeights, LlamaConfig, LlamaWeights, hf_to_interleaved, make_linear, rope_table
+from .llama import (
+    DENSE_DTYPES,
+    DenseLinear,
+    LayerWeights,
+    Linear,
+    LlamaConfig,
+    LlamaWeights,
+    hf_to_interleaved,
+    make_linear,
+    rope_table,
+)
 from .smooth import CALIBRATION_TEXT, LayerTensors, calibrate_layer, smooth_layer
 from .tokenizer import Tokenizer, tokenizer_from_gguf, tokenizer_from_hf_dir
 
@@ -40,13 +50,18 @@ class LoadedModel:
     n_params: int
 
 
-def load_model(path: str | Path, *, weights: str = "int8") -> LoadedModel:
-    """Load a model directory (config.json + safetensors) or a ``.gguf`` file."""
+def load_model(path: str | Path, *, weights: str = "int8", device: str = "cpu") -> LoadedModel:
+    """Load a model directory (config.json + safetensors) or a ``.gguf`` file.
+
+    ``weights``: int8 | fp32 (the CPU layouts) or fp16 | bf16 | fp32 on any
+    ``device`` (the dense path); each layer is moved to ``device`` as it is
+    built, so host memory peaks near one layer in fp32.
+    """
     p = Path(path)
     if p.is_dir():
-        return _load_hf(p, weights)
+        return _load_hf(p, weights, device)
     if p.is_file():
-        return _load_gguf(p, weights)
+        return _load_gguf(p, weights, device)
     raise ModelLoadError(f"{p}: no such model file or directory")
 
 
@@ -61,6 +76,7 @@ def _assemble(
     kind: str,
     hf_rope: bool,
     calib_ids: list[int],
+    device: str = "cpu",
 ) -> LlamaWeights:
     """Build the fused weights from ``get(role, layer)`` (layer -1 for global tensors).
 
@@ -106,26 +122,31 @@ def _assemble(
         layers.append(
             LayerWeights(
                 attn_norm=t.attn_norm,
-                qkv=make_linear(torch.cat([t.q, t.k, t.v]), kind),
-                o=make_linear(t.o, kind),
+                qkv=make_linear(torch.cat([t.q, t.k, t.v]), kind, device),
+                o=make_linear(t.o, kind, device),
                 ffn_norm=t.ffn_norm,
-                gate_up=make_linear(torch.cat([t.gate, t.up]), kind),
-                down=make_linear(t.down, kind),
+                gate_up=make_linear(torch.cat([t.gate, t.up]), kind, device),
+                down=make_linear(t.down, kind, device),
             )
         )
     head = embed if cfg.tie_word_embeddings else get("lm_head", -1)
     _check(head, (cfg.vocab_size, cfg.hidden_size), "lm_head")
+    lm_head: Linear | None = None
     if kind == "int8":
         s = (embed.abs().amax(dim=1) / 127.0).clamp_min(1e-12)
         table, table_scale = torch.round(embed / s[:, None]).to(torch.int8), s
-    else:
+    elif kind == "fp32" and device == "cpu":
         table, table_scale = embed.float().contiguous(), None
+    else:  # the dense path: one copy of a tied table serves as embedding and head
+        table, table_scale = embed.to(device=device, dtype=DENSE_DTYPES[kind]).contiguous(), None
+        if cfg.tie_word_embeddings:
+            lm_head = DenseLinear(table, table.dtype, device)
     return LlamaWeights(
         embed=table,
         embed_scale=table_scale,
         layers=layers,
         norm=_vec(get("norm", -1), cfg.hidden_size, "final norm"),
-        lm_head=make_linear(head, kind),
+        lm_head=lm_head if lm_head is not None else make_linear(head, kind, device),
     )
 
 
@@ -218,7 +239,7 @@ def _calibration_ids(tokenizer: Tokenizer, cfg: LlamaConfig) -> list[int]:
     return [i for i in ids if 0 <= i < cfg.vocab_size][: cfg.max_position]
 
 
-def _load_hf(model_dir: Path, kind: str) -> LoadedModel:
+def _load_hf(model_dir: Path, kind: str, device: str) -> LoadedModel:
     from safetensors import safe_open
 
     cfg, _ = read_hf_config(model_dir)
@@ -259,7 +280,7 @@ def _load_hf(model_dir: Path, kind: str) -> LoadedModel:
             raise ModelLoadError(f"{f}: cannot read tensor {name!r}: {e}") from e
         return t.float()
 
-    w = _assemble(cfg, get, kind, True, _calibration_ids(tokenizer, cfg))
+    w = _assemble(cfg, get, kind, True, _calibration_ids(tokenizer, cfg), device)
     return LoadedModel(cfg, w, tokenizer, model_dir, "hf", _count(cfg))
 
 
@@ -273,7 +294,7 @@ def _meta_int(meta: dict[str, object], key: str, path: Path, default: int | None
     return int(v)
 
 
-def _load_gguf(path: Path, kind: str) -> LoadedModel:
+def _load_gguf(path: Path, kind: str, device: str) -> LoadedModel:
     with read_gguf(path) as g:
         meta = g.metadata
         arch = meta.get("general.architecture")
@@ -322,5 +343,5 @@ def _load_gguf(path: Path, kind: str) -> LoadedModel:
         def get(role: str, layer: int) -> torch.Tensor:
             return g.dequantize(names[role].format(layer))
 
-        w = _assemble(cfg, get, kind, False, _calibration_ids(tokenizer, cfg))
+        w = _assemble(cfg, get, kind, False, _calibration_ids(tokenizer, cfg), device)
     return LoadedModel(cfg, w, tokenizer, path, "gguf", _count(cfg))

@@ -63,6 +63,8 @@ ERROR_CODES = frozenset(
         "invalid_sampling",
         "bad_request",
         "overloaded",
+        "generation_failed",
+        "device_lost",
         "internal",
     }
 )

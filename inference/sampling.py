@@ -25,7 +25,7 @@ class SampleSpec:
 
 
 def _sample_row(logits: torch.Tensor, spec: SampleSpec) -> int:
-    scores = logits.float() / spec.temperature
+    scores = logits.float().cpu() / spec.temperature  # the generators live on the CPU (a no-op there)
     if spec.top_k and spec.top_k < scores.shape[-1]:
         values, index = torch.topk(scores, spec.top_k)
     else:
@@ -44,7 +44,7 @@ def _sample_row(logits: torch.Tensor, spec: SampleSpec) -> int:
 
 
 def sample(logits: torch.Tensor, specs: list[SampleSpec]) -> list[int]:
-    """One token id per row of ``logits`` [B, vocab]."""
+    """One token id per row of ``logits`` [B, vocab] (on any device; greedy rows never leave it)."""
     greedy = logits.argmax(dim=-1).tolist()
     return [
         g if s.temperature <= 0.0 else _sample_row(logits[i], s)

@@ -338,6 +338,13 @@ class Scheduler:
             if seq is not None and seq.finish_reason is None:
                 self._finish(seq, "error")
 
+    def fail_all(self) -> list[str]:
+        """End every unfinished request with reason ``error`` (the device is lost); returns their ids."""
+        failed = [rid for rid, seq in self.seqs.items() if seq.finish_reason is None]
+        for rid in failed:
+            self._finish(self.seqs[rid], "error")
+        return failed
+
     def _add_token(self, seq: Sequence, token: int, now: float) -> None:
         seq.generated.append(token)
         seq.pending_ids.append(token)

@@ -69,6 +69,7 @@ class WorkerProfile:
     decode_tok_s: float
     tier: str = "none"
     attestation_hash: bytes = b""
+    engine: str = ""  # the inference engine (cpu | cuda | exllamav2 | exllamav3), named in the offer
 
 
 class OfferPublisher:
@@ -119,6 +120,7 @@ class OfferPublisher:
             seqno=self._next_seqno(now),
             issued_at=self._issued(now),
             expires_at=now + self.lifetime,
+            engine=p.engine,
         )
 
     def tick(self, now: float, *, active: int = 0, queue_tokens: int = 0) -> Offer | None:

@@ -134,6 +134,9 @@ class Offer:
     seqno: int  # strictly increasing per worker (a millisecond timestamp survives restarts)
     issued_at: float  # seconds
     expires_at: float  # seconds
+    # the engine serving it: cpu | cuda | exllamav2 | exllamav3 ("" from workers before it was added;
+    # last and defaulted, so those offers still decode and verify)
+    engine: str = attrs.field(default="", metadata=_w(max_len=16))
 
 
 @wire.message(201)

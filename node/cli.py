@@ -102,7 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--proxy-candidate", action="store_true", help="stand for election as a proxy")
             p.add_argument("--client", action="store_true", help="serve the OpenAI-compatible API")
             p.add_argument("--model", help="worker model: default, a GGUF file or a model directory")
-            p.add_argument("--engine", choices=("auto", "cpu", "exllamav2"), help="worker engine")
+            p.add_argument(
+                "--engine",
+                choices=("auto", "cpu", "cuda", "exllamav2", "exllamav3"),
+                help="worker engine (auto: the best that loads here)",
+            )
         p.add_argument("--api-port", type=int, help="client API port (default 8080)")
         p.add_argument("--require-tee", action="store_true", help="only use workers in a TEE (tier tdx)")
 
