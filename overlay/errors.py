@@ -8,13 +8,16 @@ Third-party errors are mapped at the boundary (``raise Mapped(str(e)) from e``).
     NodeError
     ├── ConfigError                  bad config file, bad CLI value, unusable data dir
     │   └── KeyFileError             identity / wallet key file unreadable or corrupt
+    ├── StoreError                   a durable write or read of the data dir's store failed
+    │   │                            (disk full, I/O error); the message names the file
+    │   └── CorruptStore             a stored record that does not decode: never silently reset
     ├── ProtocolError                a peer or we broke the wire protocol
     │   ├── LocalProtocolError       we tried to send something illegal
     │   └── RemoteProtocolError      a peer sent something illegal
     │       ├── DecodeError          bytes that are not a valid envelope
-    │       │   └── FrameTooLarge    a frame over the hard size limit
-    │       ├── UnknownMessageType   a well-formed envelope with an unregistered tag
-    │       ├── WrongVersion         an envelope of a wire version we do not speak
+    │       │   ├── FrameTooLarge    a frame over the hard size limit
+    │       │   ├── UnknownMessageType  a well-formed envelope with an unregistered tag
+    │       │   └── WrongVersion     an envelope of a wire version we do not speak
     │       └── RemoteError          the peer answered with a typed error frame
     ├── TransportError               sockets, dials, streams
     │   ├── DialError                could not reach a peer (refused, no answer, wrong id)
@@ -28,8 +31,8 @@ Third-party errors are mapped at the boundary (``raise Mapped(str(e)) from e``).
     ├── AttestationError             quotes, claims, policies (reason in ``.reason``)
     ├── SealError                    end-to-end encryption failed (forged, truncated, replayed)
     ├── ChannelError                 payment channel state machine
-    │   ├── InsufficientFunds
-    │   └── StaleState
+    │   ├── InsufficientFunds        a state would spend more than the party holds
+    │   └── StaleState               a seqno not above the latest, an amount that went down
     ├── ChainError                   the chain backend (local TVM or lite servers)
     └── InferenceError               engines and the generation service
         ├── ModelLoadError           missing, corrupt or truncated model file (names the file)
@@ -65,6 +68,8 @@ __all__ = [
     "RemoteProtocolError",
     "SealError",
     "StaleState",
+    "StoreError",
+    "CorruptStore",
     "StreamBroken",
     "StreamClosed",
     "TimeoutError_",
@@ -84,6 +89,16 @@ class ConfigError(NodeError):
 
 class KeyFileError(ConfigError):
     """A key file exists but cannot be read or parsed. Never silently replaced."""
+
+
+class StoreError(NodeError):
+    """A durable write (or read) of the node's store failed: disk full, I/O error. Whatever the
+    write was for did not happen (a state that was not persisted is not sent)."""
+
+
+class CorruptStore(StoreError):
+    """A stored record does not decode (a damaged file); the message names the file and the key.
+    A node refuses to start on it rather than forget what it holds."""
 
 
 class ProtocolError(NodeError):
