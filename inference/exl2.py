@@ -188,6 +188,18 @@ class _RealBackend:
             decode_special_tokens=False,
         )
 
+    def greedy_job(self, input_ids: list[int], max_new_tokens: int, identifier: str) -> Any:
+        """A greedy job returning its logits, no stop condition (tests/gpu and the recorder)."""
+        import torch
+
+        return self.job_cls(
+            input_ids=torch.tensor([input_ids], dtype=torch.long),
+            max_new_tokens=max_new_tokens,
+            gen_settings=self.settings_cls.greedy(),
+            identifier=identifier,
+            return_logits=True,
+        )
+
     def enqueue(self, job: Any) -> None:
         self.generator.enqueue(job)
 

@@ -74,11 +74,23 @@ def write_tiny_model(
     rope_theta: float = 10000.0,
     dtype: torch.dtype = torch.float32,
     tie_word_embeddings: bool = False,
+    pad_vocab: bool = False,
 ) -> Path:
-    """Write a tiny Llama model directory and return its path."""
+    """Write a tiny Llama model directory and return its path.
+
+    The BPE learns at most a few hundred tokens from the built-in corpus; with
+    ``pad_vocab`` the vocabulary is filled up to ``vocab_size`` with plain added
+    tokens ``<|fN|>`` (a real model's embedding and head sizes, e.g. 49152 or
+    128256, for benchmarks; every id still decodes to text).
+    """
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     tok = _train_tokenizer(vocab_size)
+    if pad_vocab and tok.get_vocab_size(with_added_tokens=True) < vocab_size:
+        from tokenizers import AddedToken
+
+        n = vocab_size - tok.get_vocab_size(with_added_tokens=True)
+        tok.add_tokens([AddedToken(f"<|f{i}|>", special=False, normalized=False) for i in range(n)])
     tok.save(str(out / "tokenizer.json"))
     vocab = tok.get_vocab_size(with_added_tokens=True)
     hd = head_dim or hidden_size // num_heads

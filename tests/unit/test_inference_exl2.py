@@ -27,6 +27,7 @@ from inference.exl2 import ExLlamaV2Engine, ResultMapper, ensure_rope_theta, exl
 from inference.messages import ChatMessage, Chunk, FinalChunk, GenerateRequest, TokenChunk
 from inference.select import select_engine
 from overlay.errors import ConfigError, ModelLoadError
+from tests import reference_llama as reference
 from tests.inference_fixtures import tiny_model_dir  # noqa: F401
 
 
@@ -320,62 +321,6 @@ def test_exllamav2_is_never_imported_by_the_package() -> None:
 # --------------------------------------------------------------------------- the GPU mismatch of notes/gpu.md
 
 
-def _reference_greedy(model_dir: Path, ids: list[int], n: int, *, causal_prompt: bool) -> list[int]:
-    """Greedy ids from a plain-torch Llama on the HF layout, the prompt run in one chunk like exllamav2 does.
-
-    exllamav2's dynamic generator prefills ``ids[:-1]`` as one chunk and then
-    decodes from the last prompt token; ``causal_prompt=False`` runs that chunk
-    without a causal mask, as its SDPA path does without flash-attn/xformers.
-    """
-    from safetensors.torch import load_file
-
-    cfg = json.loads((model_dir / "config.json").read_text())
-    sd = {k: v.float() for k, v in load_file(str(model_dir / "model.safetensors")).items()}
-    h, kvh, d, layers = (
-        cfg[k] for k in ("num_attention_heads", "num_key_value_heads", "head_dim", "num_hidden_layers")
-    )
-    theta = cfg.get("rope_theta") or cfg["rope_parameters"]["rope_theta"]
-    inv = 1.0 / (theta ** (torch.arange(0, d, 2).float() / d))
-    keys: list[list[torch.Tensor]] = [[] for _ in range(layers)]
-    values: list[list[torch.Tensor]] = [[] for _ in range(layers)]
-
-    def norm(x: torch.Tensor, w: str) -> torch.Tensor:
-        return torch.nn.functional.rms_norm(x, (x.shape[-1],), sd[w], cfg["rms_norm_eps"])
-
-    def rope(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:  # HF rotate-half
-        ang = pos[:, None].float() * inv[None]
-        c, s = torch.cat([ang, ang], -1).cos()[:, None], torch.cat([ang, ang], -1).sin()[:, None]
-        return x * c + torch.cat([-x[..., d // 2 :], x[..., : d // 2]], -1) * s
-
-    def forward(toks: list[int], start: int, causal: bool) -> torch.Tensor:
-        t = len(toks)
-        pos = torch.arange(start, start + t)
-        x = sd["model.embed_tokens.weight"][torch.tensor(toks)]
-        for i in range(layers):
-            p = f"model.layers.{i}."
-            a = norm(x, p + "input_layernorm.weight")
-            q = rope((a @ sd[p + "self_attn.q_proj.weight"].T).view(t, h, d), pos)
-            keys[i].append(rope((a @ sd[p + "self_attn.k_proj.weight"].T).view(t, kvh, d), pos))
-            values[i].append((a @ sd[p + "self_attn.v_proj.weight"].T).view(t, kvh, d))
-            k = torch.cat(keys[i]).repeat_interleave(h // kvh, 1).transpose(0, 1)
-            v = torch.cat(values[i]).repeat_interleave(h // kvh, 1).transpose(0, 1)
-            mask = torch.arange(start + t)[None] <= pos[:, None] if causal else None
-            o = torch.nn.functional.scaled_dot_product_attention(q.transpose(0, 1), k, v, attn_mask=mask)
-            x = x + o.transpose(0, 1).reshape(t, h * d) @ sd[p + "self_attn.o_proj.weight"].T
-            a = norm(x, p + "post_attention_layernorm.weight")
-            gate, up = a @ sd[p + "mlp.gate_proj.weight"].T, a @ sd[p + "mlp.up_proj.weight"].T
-            x = x + (torch.nn.functional.silu(gate) * up) @ sd[p + "mlp.down_proj.weight"].T
-        return norm(x[-1], "model.norm.weight") @ sd["lm_head.weight"].T
-
-    forward(ids[:-1], 0, causal_prompt)
-    logits = forward(ids[-1:], len(ids) - 1, True)
-    out: list[int] = []
-    for _ in range(n):
-        out.append(int(logits.argmax()))
-        logits = forward(out[-1:], len(ids) + len(out) - 1, True)
-    return out
-
-
 async def test_the_gpu_mismatch_is_exllamav2s_maskless_prompt_attention(tmp_path: Path) -> None:
     """notes/gpu.md: on an H200 without flash-attn exllamav2 gave [108, 148, 133, 369], our CPU engine
     [340, 262, 394, 290] (= transformers, fp32 and fp16).  A prompt run without its causal mask gives
@@ -406,6 +351,6 @@ async def test_the_gpu_mismatch_is_exllamav2s_maskless_prompt_attention(tmp_path
     prompt = engine._loaded.tokenizer.encode_chat([("user", "What is the capital of France?")])  # type: ignore[union-attr]
     assert len(prompt) == ids
     assert ours[:4] == [340, 262, 394, 290]
-    assert _reference_greedy(d, prompt, 4, causal_prompt=True) == ours[:4]
-    assert _reference_greedy(d, prompt, 4, causal_prompt=False) == [108, 148, 133, 369]
+    assert reference.greedy(d, prompt, 4, causal_prompt=True)[1] == ours[:4]
+    assert reference.greedy(d, prompt, 4, causal_prompt=False)[1] == [108, 148, 133, 369]
     await engine.close()
