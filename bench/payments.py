@@ -139,7 +139,7 @@ async def _streams(
     a, b = opened()
     sa, sb = warmed(d / f"a{os.getpid()}.sqlite"), warmed(d / f"b{os.getpid()}.sqlite")
     # inline writes (a fast disk): the virtual clock would jump while a thread writes
-    wa, wb = DurableWriter(sa, inline_below=float("inf")), DurableWriter(sb, inline_below=float("inf"))
+    wa, wb = DurableWriter(sa, inline=True), DurableWriter(sb, inline=True)
     pay_ch, recv_ch = ChannelShell(a, sa, wa), ChannelShell(b, sb, wb)
     count = [0]
     deadline = trio.current_time() + seconds

@@ -16,7 +16,7 @@ Files (pure cores take ``now`` and never do I/O; shells are trio)::
     lite.py        the real backend: TON testnet/mainnet via pytoniq's LiteBalancer
     onchain.py     wallet transfers and channel operations over any ChainClient
     store.py       KVStore (read/write/remove), its SQLite WAL + fsync implementation, and
-                   DurableWriter (inline while the disk is fast, grouped commits on a thread)
+                   DurableWriter (every commit on a worker thread, concurrent writes grouped)
     messages.py    wire messages, tags 400-479
     channel.py     the channel state machine (pure): Persist before Send, settlement policy
     metering.py    per-token metering cores (payer, worker, proxy forwarder)

@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 
 import trio
 
-from overlay.errors import ChannelError
+from overlay.errors import ChannelError, NodeError
 from overlay.streams import MessageStream, expect
 
 from .channel import Channel, Persist, Received, Send, Submit
@@ -77,12 +77,7 @@ class ChannelShell:
                 try:
                     await self.writer.write(e.namespace, e.key, e.blob)
                 except BaseException:
-                    # The write may not have happened: reload what is durable and stop here.
-                    blob = self.store.read(e.namespace, e.key)
-                    if blob is not None:
-                        self.core = Channel.restore(
-                            self.core.params, self.core.key, blob, policy=self.core.policy
-                        )
+                    self._reload(e)  # the write may not have happened: back to what is durable
                     raise
                 self.core.persisted(e.update_id)
             elif isinstance(e, Received):
@@ -90,6 +85,21 @@ class ChannelShell:
             else:
                 out.append(e)
         return out, received
+
+    def _reload(self, p: Persist) -> None:
+        """Replace the core by its last durable record (a fresh channel when none was written:
+        nothing unsent was ever seen by the peer). A store that cannot even be read leaves the
+        core frozen: every change is refused (LocalProtocolError) until the node restarts."""
+        core = self.core
+        try:
+            blob = self.store.read(p.namespace, p.key)
+        except (NodeError, OSError) as err:
+            log.error("cannot reload channel %s: %s", core.key_name, err, extra={"channel_id": core.key_name})
+            return
+        if blob is not None:
+            self.core = Channel.restore(core.params, core.key, blob, policy=core.policy)
+        else:
+            self.core = Channel(core.params, core.me, core.key, policy=core.policy)
 
     async def pay(self, amount: int) -> PayState:
         async with self.lock:

@@ -13,25 +13,24 @@ Shells write from worker threads (``trio.to_thread``); one lock serializes the c
 :class:`MemoryKVStore` is the in-memory twin for pure tests; it can simulate a crash by
 dropping the writes that a failing hook refuses.
 
-:class:`DurableWriter` is how trio shells write: a write returns once it is durable. While the
-disk is fast (a recent fsync'd commit took under ``inline_below`` seconds) it writes inline: a
-SQLite commit of ~0.1 ms costs less CPU than handing it to a thread (~0.25 ms here). When the
-disk is slow it hands writes to one background thread, which commits all writes waiting at that
-moment in one transaction (one fsync for many channels).
+:class:`DurableWriter` is how trio shells write: a write returns once it is durable. Every
+commit runs in a worker thread under a CapacityLimiter (an fsync never blocks the event loop);
+the writes that arrive while one commit runs share the next (one fsync for many channels).
+A failed write raises :class:`~overlay.errors.StoreError` naming the file; a record that does
+not decode at restart is :class:`~overlay.errors.CorruptStore` (the caller names the key).
 """
 
 from __future__ import annotations
 
 import sqlite3
 import threading
-import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Protocol
 
 import trio
 
-from overlay.errors import ConfigError
+from overlay.errors import CorruptStore, StoreError
 
 __all__ = ["DurableWriter", "KVStore", "ListableKVStore", "MemoryKVStore", "SQLiteKVStore"]
 
@@ -53,6 +52,8 @@ class ListableKVStore(KVStore, Protocol):
 class SQLiteKVStore:
     """A KVStore in one SQLite file (WAL, synchronous=FULL: fsync on every commit)."""
 
+    blocking = True  # writes wait for the disk: a DurableWriter runs them on a thread
+
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -66,13 +67,16 @@ class SQLiteKVStore:
                 " PRIMARY KEY (ns, k)) WITHOUT ROWID"
             )
         except sqlite3.DatabaseError as e:
-            raise ConfigError(f"{path}: not a usable store ({e})") from e
+            raise CorruptStore(f"{path}: not a usable store ({e}); it was left as it is") from e
         self.path = path
         self._lock = threading.Lock()
 
     def read(self, namespace: str, key: str) -> bytes | None:
         with self._lock:
-            row = self._db.execute("SELECT v FROM kv WHERE ns = ? AND k = ?", (namespace, key)).fetchone()
+            try:
+                row = self._db.execute("SELECT v FROM kv WHERE ns = ? AND k = ?", (namespace, key)).fetchone()
+            except sqlite3.DatabaseError as e:
+                raise CorruptStore(f"{self.path}: cannot read {namespace}/{key} ({e})") from e
         return None if row is None else bytes(row[0])
 
     def write(self, namespace: str, key: str, value: bytes) -> None:
@@ -85,7 +89,10 @@ class SQLiteKVStore:
 
     def keys(self, namespace: str) -> list[str]:
         with self._lock:
-            rows = self._db.execute("SELECT k FROM kv WHERE ns = ? ORDER BY k", (namespace,)).fetchall()
+            try:
+                rows = self._db.execute("SELECT k FROM kv WHERE ns = ? ORDER BY k", (namespace,)).fetchall()
+            except sqlite3.DatabaseError as e:
+                raise CorruptStore(f"{self.path}: cannot list {namespace} ({e})") from e
         return [r[0] for r in rows]
 
     def write_batch(self, items: Iterable[tuple[str, str, bytes | None]]) -> None:
@@ -116,6 +123,8 @@ class MemoryKVStore:
     """An in-memory KVStore; ``fail_hook(namespace, key)`` returning True makes a write fail
     (raises OSError, stores nothing), to test crashes between persisting and sending."""
 
+    blocking = False  # no disk: a DurableWriter writes inline
+
     def __init__(self, fail_hook: Callable[[str, str], bool] | None = None) -> None:
         self.data: dict[tuple[str, str], bytes] = {}
         self.fail_hook = fail_hook
@@ -135,85 +144,91 @@ class MemoryKVStore:
         return sorted(k for ns, k in self.data if ns == namespace)
 
 
-_Item = tuple[str, str, bytes, trio.lowlevel.TrioToken, list[object]]
+class _Pending:
+    """One write waiting for its commit."""
+
+    __slots__ = ("done", "error", "key", "namespace", "value")
+
+    def __init__(self, namespace: str, key: str, value: bytes) -> None:
+        self.namespace, self.key, self.value = namespace, key, value
+        self.done = False
+        self.error: BaseException | None = None
 
 
 class DurableWriter:
-    """Durable writes for trio code, inline while the disk is fast, else grouped on one thread."""
+    """Durable writes for trio code: each in a worker thread (``trio.to_thread`` under a
+    :class:`trio.CapacityLimiter`), never an fsync on the trio thread. Writes that arrive while
+    a commit runs wait for the next one, which takes all of them in one transaction (one fsync).
 
-    def __init__(self, store: KVStore, *, inline_below: float = 0.002, idle_exit: float = 10.0) -> None:
+    A write returns once it is durable; it completes even when its caller is cancelled (like a
+    thread call). A failure (disk full, I/O error) raises :class:`StoreError` naming the store
+    and the key, and nothing of that commit was written. Stores that are not on disk
+    (``blocking = False``, e.g. :class:`MemoryKVStore`) are written inline; ``inline=True``
+    forces that (benchmarks in virtual time only: it blocks the event loop on every fsync)."""
+
+    def __init__(
+        self, store: KVStore, *, limiter: trio.CapacityLimiter | None = None, inline: bool | None = None
+    ) -> None:
         self.store = store
-        self.inline_below = inline_below  # seconds: write inline while commits are faster than this
-        self.idle_exit = idle_exit  # seconds the writer thread waits for work before it exits
-        self.latency = 0.0  # moving average of a commit's wall time, seconds
+        self.limiter = limiter or trio.CapacityLimiter(1)  # one commit at a time on the connection
+        self.inline = not getattr(store, "blocking", True) if inline is None else inline
         self.commits = 0  # commits made (a grouped commit counts once)
         self.writes = 0
-        self._cv = threading.Condition()
-        self._queue: list[_Item] = []
-        self._thread: threading.Thread | None = None
-        self._in_flight = 0
+        self._pending: list[_Pending] = []
+        self._committing = False
+        self._committed = trio.Event()  # set (and replaced) after each commit
 
-    def _observe(self, seconds: float) -> None:
-        self.latency = seconds if self.commits == 0 else 0.8 * self.latency + 0.2 * seconds
-        self.commits += 1
+    def _where(self) -> str:
+        path = getattr(self.store, "path", None)
+        return str(path) if path is not None else type(self.store).__name__
+
+    def _failed(self, item: _Pending, e: BaseException) -> StoreError:
+        return StoreError(f"{self._where()}: writing {item.namespace}/{item.key} failed: {e}")
 
     async def write(self, namespace: str, key: str, value: bytes) -> None:
-        """Write ``value``; returns once it is durable (raises what the store raised)."""
+        """Write ``value``; returns once it is durable (StoreError when it could not be)."""
         self.writes += 1
-        if self.latency < self.inline_below and self._in_flight == 0:
-            t0 = time.perf_counter()
-            self.store.write(namespace, key, value)
-            self._observe(time.perf_counter() - t0)
+        item = _Pending(namespace, key, value)
+        if self.inline:
+            try:
+                self.store.write(namespace, key, value)
+            except (OSError, sqlite3.Error) as e:
+                raise self._failed(item, e) from e
+            self.commits += 1
             return
-        done = trio.Event()
-        slot: list[object] = [done, None]
-        with self._cv:
-            self._queue.append((namespace, key, value, trio.lowlevel.current_trio_token(), slot))
-            self._in_flight += 1
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="durable-writer", daemon=True)
-                self._thread.start()
-            self._cv.notify()
+        self._pending.append(item)
         with trio.CancelScope(shield=True):  # like a thread call: the write completes either way
-            await done.wait()
-        err = slot[1]
-        if isinstance(err, BaseException):
-            raise err
-
-    def _run(self) -> None:
-        while True:
-            with self._cv:
-                if not self._queue:
-                    self._cv.wait(self.idle_exit)
-                if not self._queue:
-                    self._thread = None
-                    return
-                batch, self._queue = self._queue, []
-            t0 = time.perf_counter()
-            err: BaseException | None = None
-            try:
-                write_batch = getattr(self.store, "write_batch", None)
-                if len(batch) > 1 and write_batch is not None:
-                    write_batch([(ns, k, v) for ns, k, v, _, _ in batch])
+            while not item.done:
+                if self._committing:
+                    await self._committed.wait()
                 else:
-                    for ns, k, v, _, _ in batch:
-                        self.store.write(ns, k, v)
-            except BaseException as e:  # handed to every waiter of this batch
-                err = e
-            elapsed = time.perf_counter() - t0
+                    await self._commit()
+        if item.error is not None:
+            if isinstance(item.error, OSError | sqlite3.Error):
+                raise self._failed(item, item.error) from item.error
+            raise item.error
 
-            def finish(
-                batch: list[_Item] = batch, err: BaseException | None = err, dt: float = elapsed
-            ) -> None:
-                self._observe(dt)
-                self._in_flight -= len(batch)
-                for *_, slot in batch:
-                    slot[1] = err
-                    done = slot[0]
-                    assert isinstance(done, trio.Event)
-                    done.set()
+    async def _commit(self) -> None:
+        """Commit every write waiting now, in one transaction on a worker thread."""
+        self._committing = True
+        batch, self._pending = self._pending, []
+        err: BaseException | None = None
+        try:
+            await trio.to_thread.run_sync(self._write_batch, batch, limiter=self.limiter)
+        except BaseException as e:  # handed to every write of this batch
+            err = e
+        finally:
+            self.commits += 1
+            for item in batch:
+                item.error, item.done = err, True
+            self._committing = False
+            self._committed.set()
+            self._committed = trio.Event()
 
-            try:
-                batch[0][3].run_sync_soon(finish)
-            except trio.RunFinishedError:
-                return
+    def _write_batch(self, batch: list[_Pending]) -> None:
+        write_batch = getattr(self.store, "write_batch", None)
+        if len(batch) > 1 and write_batch is not None:
+            write_batch([(p.namespace, p.key, p.value) for p in batch])
+        else:
+            for p in batch:
+                self.store.write(p.namespace, p.key, p.value)

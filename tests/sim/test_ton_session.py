@@ -12,7 +12,7 @@ import trio
 import trio.testing
 from trio.testing import MockClock
 
-from overlay.errors import ChannelError, InsufficientFunds
+from overlay.errors import ChannelError, InsufficientFunds, StoreError
 from overlay.streams import FramedStream, memory_stream_pair
 from ton import contract as C
 from ton.channel import BadSignature, Channel, Persist, Send, Submit
@@ -190,7 +190,7 @@ async def test_crash_mid_payment_update_then_settle_on_chain(tmp_path: Path) -> 
 
     client.store.close()  # type: ignore[attr-defined]
     crashing = ChannelShell(client.core, Failing(tmp_path / "c.sqlite"))
-    with pytest.raises(OSError, match="disk gone"):
+    with pytest.raises(StoreError, match="disk gone"):
         await crashing.pay(10_000_000)
     assert crashing.core.r.own_sent == 30_000_000  # reloaded from the last durable record
     crashing.store.close()  # type: ignore[attr-defined]
