@@ -429,13 +429,18 @@ class Channel:
     def _balances(self, sent_a: int, sent_b: int, wd_a: int, wd_b: int) -> tuple[int, int]:
         return self.r.deposit_a - wd_a - sent_a + sent_b, self.r.deposit_b - wd_b - sent_b + sent_a
 
+    def has_news(self) -> bool:
+        """Whether we hold states newer than the chain's committed ones (a commit would change it)."""
+        sa, sb, _, _ = self._states()
+        return (sa, sb) != (self.r.committed_seqno_a, self.r.committed_seqno_b)
+
     def propose(self, *, close: bool) -> list[Effect]:
         """Sign a cooperative commit (withdrawing our earned balance) or close of the latest states."""
         self._check_not_frozen()
         if self.phase is not Phase.OPEN:
             raise ChannelError(f"channel is {self.phase}")
         sa, sb, xa, xb = self._states()
-        if (sa, sb) == (self.r.committed_seqno_a, self.r.committed_seqno_b):
+        if not self.has_news():
             if not close:
                 raise ChannelError("nothing new to commit")
             self._bump_own_seqno()  # the contract wants a newer seqno even to close an idle channel

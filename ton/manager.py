@@ -42,6 +42,7 @@ from overlay import wire
 from overlay.errors import (
     ChainError,
     ChannelError,
+    CorruptStore,
     DecodeError,
     NodeError,
     RemoteError,
@@ -240,15 +241,25 @@ class PaymentManager:
         return ManagedChannel(meta, shell, ops, Watcher(self.chain, ops, shell, clock=self.clock))
 
     def _restore(self) -> None:
-        for k in self.store.keys(NS_META):
+        """Every channel back from the store. A record that does not decode is CorruptStore
+        naming the file and the channel: a node never starts without a channel it holds."""
+        where = getattr(self.store, "path", None) or type(self.store).__name__
+        metas = self.store.keys(NS_META)
+        for k in metas:
             raw = self.store.read(NS_META, k)
             try:
                 meta = wire.decode_as(ChannelMeta, raw or b"")
+                if meta.channel_id.hex() != k:
+                    raise ChannelError(f"the record names channel {meta.channel_id.hex()}")
                 entry = self._make_entry(meta, self.store.read("channel", k))
             except (DecodeError, ChannelError) as e:
-                log.error("channel %s cannot be restored: %s", k, e, extra={"channel_id": k})
-                continue
+                raise CorruptStore(
+                    f"{where}: channel {k} cannot be restored ({e}); the store was left as it is"
+                ) from e
             self.entries[meta.channel_id] = entry
+        orphans = sorted(set(self.store.keys("channel")) - set(metas))
+        if orphans:
+            raise CorruptStore(f"{where}: channel {orphans[0]} has a state but no parameters")
         if self.entries:
             live = sum(1 for e in self.entries.values() if e.meta.status in LIVE)
             log.info("restored %d payment channels (%d live)", len(self.entries), live)

@@ -85,6 +85,11 @@ async def _settle_locked(
     log.info("%s of channel %s (%s): asking %s to co-sign", kind, entry.cid.hex(), reason,
              entry.meta.peer_id, extra=entry.log_extra)  # fmt: skip
     await pm._sync(entry)  # propose from the chain's latest view (withdrawals, committed seqnos)
+    if not close and not entry.core.has_news():  # e.g. an earlier try landed, unheard of
+        log.info(
+            "channel %s: the chain already holds our latest states", entry.cid.hex(), extra=entry.log_extra
+        )
+        return
     (send,) = await entry.shell.run(lambda: entry.core.propose(close=close))
     assert isinstance(send, Send)
     if close:
@@ -185,6 +190,7 @@ async def _settle_logged(pm: PaymentManager, entry: ManagedChannel, s: Settle) -
         entry.retry_at = now + entry.backoff
         log.warning("%s of channel %s failed: %s (retry in %.0f s)", s.kind, entry.cid.hex(), e,
                     entry.backoff, extra=entry.log_extra)  # fmt: skip
+        pm._notify()
     # An idle close that the peer will not co-sign, or value we cannot get committed for too long:
     # settle without the peer (the watcher finishes it after the quarantine).
     stuck = entry.core.phase is Phase.CLOSING or now - entry.failing_since >= pm.cfg.force_close_after
