@@ -26,11 +26,18 @@ Tag ranges (one per package, so packages never collide)::
 
 Every failure to decode raises :class:`~overlay.errors.DecodeError` (or a
 subclass); random bytes never raise anything else.
+
+Fast paths: a message whose fields are all ``int`` (unsigned), ``bool`` or ``bytes`` can be
+registered with :func:`fast_path` (a sealed stream's chunks are). :class:`FastPath` packs and
+parses its envelope by hand, in msgpack's shortest forms, so its bytes are exactly what the
+generic codec writes; :func:`encode` and :func:`decode` use it, and any other form (a negative
+int, a longer encoding) goes through the generic codec, which reads both.
 """
 
 from __future__ import annotations
 
 import math
+import struct
 import types
 import typing
 from collections.abc import Callable
@@ -54,10 +61,12 @@ __all__ = [
     "MAX_STR",
     "WIRE_VERSION",
     "ErrorFrame",
+    "FastPath",
     "Message",
     "decode",
     "decode_as",
     "encode",
+    "fast_path",
     "field",
     "limits",
     "message",
@@ -268,9 +277,15 @@ def _struct_codec(cls: type) -> tuple[Encoder, Decoder]:
 # --------------------------------------------------------------------------- codec
 
 
-def encode(msg: object, *, max_size: int = MAX_FRAME_SIZE) -> bytes:
-    """Encode a registered message into one envelope; raises LocalProtocolError if it breaks a limit."""
+def encode(msg: object, *, max_size: int = MAX_FRAME_SIZE, fast: bool = True) -> bytes:
+    """Encode a registered message into one envelope; raises LocalProtocolError if it breaks a limit.
+    ``fast=False``: never the message's fast path (the same bytes, by the generic codec)."""
     cls = type(msg)
+    fp = _FAST.get(cls) if fast else None
+    if fp is not None:
+        quick = fp.pack_message(msg)
+        if quick is not None and len(quick) <= max_size:
+            return quick
     tag = _BY_CLS.get(cls)
     if tag is None:
         raise LocalProtocolError(f"{cls.__name__} is not a registered message")
@@ -289,10 +304,17 @@ def _no_ext(code: int, data: bytes) -> object:
     raise DecodeError(f"msgpack ext type {code} not allowed")
 
 
-def decode(data: bytes, *, max_size: int = MAX_FRAME_SIZE) -> object:
-    """Decode one envelope; every failure is a DecodeError (or subclass)."""
+def decode(data: bytes, *, max_size: int = MAX_FRAME_SIZE, fast: bool = True) -> object:
+    """Decode one envelope; every failure is a DecodeError (or subclass). ``fast=False``: never
+    a fast path (the generic codec alone)."""
     if len(data) > max_size:
         raise FrameTooLarge(f"frame of {len(data)} bytes over the {max_size} limit")
+    if fast and _FAST_PREFIXES:
+        fp = _FAST_PREFIXES.get(data[:4]) or _FAST_PREFIXES.get(data[:6])
+        if fp is not None:
+            parts = fp.parts(data)
+            if parts is not None:
+                return fp.build(parts)
     try:
         obj = msgpack.unpackb(
             data,
@@ -332,6 +354,147 @@ def decode_as(cls: type[_M], data: bytes, *, max_size: int = MAX_FRAME_SIZE) -> 
     if not isinstance(msg, cls):
         raise DecodeError(f"expected {cls.__name__}, got {type(msg).__name__}")
     return msg
+
+
+# --------------------------------------------------------------------------- fast paths
+
+_FAST: dict[type, FastPath] = {}
+_FAST_PREFIXES: dict[bytes, FastPath] = {}
+_U8, _U16, _U32, _U64 = (struct.Struct(f">{c}") for c in "BHIQ")
+_FIXINTS = tuple(bytes((i,)) for i in range(0x80))
+_UINT_FORMS = {0xCC: _U8, 0xCD: _U16, 0xCE: _U32, 0xCF: _U64}
+_BIN_FORMS = {0xC4: _U8, 0xC5: _U16, 0xC6: _U32}
+_FLAGS = (b"\xc2", b"\xc3")
+
+
+def _pack_uint(v: int) -> bytes:
+    if v < 0x80:
+        return _FIXINTS[v]
+    if v <= 0xFF:
+        return b"\xcc" + _U8.pack(v)
+    if v <= 0xFFFF:
+        return b"\xcd" + _U16.pack(v)
+    if v <= 0xFFFFFFFF:
+        return b"\xce" + _U32.pack(v)
+    return b"\xcf" + _U64.pack(v)
+
+
+def _bin_header(n: int) -> bytes:
+    return (
+        b"\xc4" + _U8.pack(n)
+        if n <= 0xFF
+        else b"\xc5" + _U16.pack(n)
+        if n <= 0xFFFF
+        else b"\xc6" + _U32.pack(n)
+    )
+
+
+class FastPath:
+    """The hand-written codec of one message whose fields are unsigned ints, bools and bytes.
+
+    :meth:`pack` returns the envelope the generic codec would write for these values (None when
+    a value is outside the fast forms: a negative int, a wrong type); :meth:`parts` returns the
+    field values of an envelope in shortest forms within the field limits (None otherwise: the
+    generic codec decides). Get one with :func:`fast_path`."""
+
+    def __init__(self, cls: type, kinds: tuple[type, ...], limits: tuple[int, ...]) -> None:
+        self.cls = cls
+        self.kinds, self.limits = kinds, limits
+        self.prefix = (
+            b"\x93" + _pack_uint(WIRE_VERSION) + _pack_uint(_BY_CLS[cls]) + bytes((0x90 | len(kinds),))
+        )
+        self._names = tuple(f.name for f in attrs.fields(cls))
+
+    def pack(self, *values: object) -> bytes | None:
+        out = [self.prefix]
+        for v, kind, limit in zip(values, self.kinds, self.limits, strict=True):
+            if type(v) is not kind:
+                return None
+            if isinstance(v, bool):
+                out.append(_FLAGS[v])
+            elif isinstance(v, int):
+                if not 0 <= v <= _INT_MAX:
+                    return None
+                out.append(_pack_uint(v))
+            elif isinstance(v, bytes):
+                if len(v) > limit:
+                    return None
+                out += (_bin_header(len(v)), v)
+        return b"".join(out)
+
+    def pack_message(self, msg: object) -> bytes | None:
+        return self.pack(*(getattr(msg, n) for n in self._names))
+
+    def parts(self, payload: bytes) -> tuple[object, ...] | None:
+        p = len(self.prefix)
+        if payload[:p] != self.prefix:
+            return None
+        values: list[object] = []
+        try:
+            for kind, limit in zip(self.kinds, self.limits, strict=True):
+                b = payload[p]
+                if kind is int:
+                    if b < 0x80:
+                        values.append(b)
+                        p += 1
+                    else:
+                        form = _UINT_FORMS[b]
+                        v = form.unpack_from(payload, p + 1)[0]
+                        if v < 0x80 or (form is not _U8 and v <= (1 << (8 * form.size // 2)) - 1):
+                            return None  # not msgpack's shortest form
+                        values.append(v)
+                        p += 1 + form.size
+                elif kind is bool:
+                    if b not in (0xC2, 0xC3):
+                        return None
+                    values.append(b == 0xC3)
+                    p += 1
+                else:
+                    form = _BIN_FORMS[b]
+                    n = form.unpack_from(payload, p + 1)[0]
+                    start = p + 1 + form.size
+                    if (
+                        n > limit
+                        or start + n > len(payload)
+                        or (form is not _U8 and n <= (1 << (8 * form.size // 2)) - 1)
+                    ):
+                        return None
+                    values.append(payload[start : start + n])
+                    p = start + n
+        except (IndexError, KeyError, struct.error):
+            return None
+        return tuple(values) if p == len(payload) else None
+
+    def build(self, parts: tuple[object, ...]) -> object:
+        try:
+            return self.cls(*parts)
+        except (TypeError, ValueError) as e:  # attrs validators of the message itself
+            raise DecodeError(f"{self.cls.__name__}: {e}") from e
+
+
+def fast_path(cls: type) -> FastPath:
+    """Register (once) and return the fast path of the registered message ``cls``; TypeError
+    unless every field is an ``int``, ``bool`` or ``bytes`` without a default."""
+    fp = _FAST.get(cls)
+    if fp is not None:
+        return fp
+    if cls not in _BY_CLS:
+        raise TypeError(f"{cls.__name__} is not a registered message")
+    hints = typing.get_type_hints(cls)
+    kinds: list[type] = []
+    lims: list[int] = []
+    for f in attrs.fields(cls):
+        kind = hints[f.name]
+        if kind not in (int, bool, bytes) or f.default is not attrs.NOTHING:
+            raise TypeError(f"{cls.__name__}.{f.name}: a fast path takes int, bool and bytes fields only")
+        kinds.append(kind)
+        lims.append(f.metadata.get("wire", {}).get("max_len", MAX_BYTES) if kind is bytes else 0)
+    if not 0 < len(kinds) < 16:
+        raise TypeError(f"{cls.__name__}: a fast path takes 1 to 15 fields")
+    fp = FastPath(cls, tuple(kinds), tuple(lims))
+    _FAST[cls] = fp
+    _FAST_PREFIXES[fp.prefix] = fp
+    return fp
 
 
 # --------------------------------------------------------------------------- overlay messages

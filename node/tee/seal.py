@@ -31,10 +31,10 @@ import functools
 import hashlib
 import secrets
 import struct
+import typing
 from collections import OrderedDict
 
 import attrs
-import msgpack
 from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hashes, hpke
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -78,9 +78,6 @@ REQUEST_PAD = 256  # bytes: request plaintext padded to a multiple of this
 CHUNK_PAD = 32  # bytes: chunk plaintext padded to a multiple of this
 _TAG_LEN = 16
 _MAX_SEQ = (1 << 63) - 1
-_CHUNK_TAG: int = SealedChunk.TAG  # type: ignore[attr-defined]
-_WIRE_VERSION = wire.WIRE_VERSION
-_packb = msgpack.Packer(use_bin_type=True, autoreset=True).pack
 
 
 def request_info(c_hash: bytes) -> bytes:
@@ -328,72 +325,32 @@ class ReplayGuard:
 
 # --------------------------------------------------------------------------- fast framing
 
-
-def encode_chunk(chunk: SealedChunk) -> bytes:
-    """``wire.encode(chunk)``, byte for byte, without the generic codec's per-field walk."""
-    return _frame(chunk.seq, chunk.final, chunk.box)
-
-
-# A SealedChunk envelope is msgpack [1, 321, [seq, final, box]]; msgpack's shortest forms, by hand:
-# prefix | seq (fixint, or 0xcc/0xcd/0xce/0xcf + big-endian) | 0xc2/0xc3 | 0xc4/0xc5/0xc6 + length | box.
-_CHUNK_PREFIX = b"\x93" + _packb(_WIRE_VERSION) + _packb(_CHUNK_TAG) + b"\x93"
-_P = len(_CHUNK_PREFIX)
-_FIXINTS = tuple(bytes((i,)) for i in range(0x80))
-_CC, _CD, _CE, _CF = (struct.Struct(f">B{c}").pack for c in "BHIQ")
-_UINT_FORMS = {
-    0xCC: struct.Struct(">B"),
-    0xCD: struct.Struct(">H"),
-    0xCE: struct.Struct(">I"),
-    0xCF: struct.Struct(">Q"),
-}
-_BIN_FORMS = {0xC4: struct.Struct(">B"), 0xC5: struct.Struct(">H"), 0xC6: struct.Struct(">I")}
-_FLAGS = (b"\xc2", b"\xc3")
+# SealedChunk's registered fast path (overlay.wire): its envelope [1, 321, [seq, final, box]] in
+# msgpack's shortest forms, packed and parsed by hand, byte for byte what the generic codec writes.
+_CHUNK = wire.fast_path(SealedChunk)
 
 
 def _frame(seq: int, final: bool, box: bytes) -> bytes:
-    if seq < 0x80:
-        s = _FIXINTS[seq]
-    elif seq <= 0xFF:
-        s = _CC(0xCC, seq)
-    elif seq <= 0xFFFF:
-        s = _CD(0xCD, seq)
-    elif seq <= 0xFFFFFFFF:
-        s = _CE(0xCE, seq)
-    else:
-        s = _CF(0xCF, seq)
-    n = len(box)
-    b = _CC(0xC4, n) if n <= 0xFF else _CD(0xC5, n) if n <= 0xFFFF else _CE(0xC6, n)
-    return b"".join((_CHUNK_PREFIX, s, _FLAGS[final], b, box))
+    data = _CHUNK.pack(seq, final, box)
+    if data is None:
+        raise SealError(f"chunk {seq} cannot be framed (sequence number or size out of range)")
+    return data
+
+
+def encode_chunk(chunk: SealedChunk) -> bytes:
+    """``wire.encode(chunk)``, byte for byte, through the fast path."""
+    return _frame(chunk.seq, chunk.final, chunk.box)
 
 
 def chunk_parts(payload: bytes) -> tuple[int, bool, bytes] | None:
     """``(seq, final, box)`` if ``payload`` is a SealedChunk envelope in shortest msgpack form, else None."""
-    if payload[:_P] != _CHUNK_PREFIX:
+    parts = _CHUNK.parts(payload)
+    if parts is None:
         return None
-    try:
-        tag = payload[_P]
-        if tag < 0x80:
-            seq, pos = tag, _P + 1
-        else:
-            form = _UINT_FORMS[tag]
-            seq = form.unpack_from(payload, _P + 1)[0]
-            pos = _P + 1 + form.size
-        flag, bin_tag = payload[pos], payload[pos + 1]
-        if bin_tag == 0xC4:
-            n, start = payload[pos + 2], pos + 3
-        else:
-            form = _BIN_FORMS[bin_tag]
-            n, start = form.unpack_from(payload, pos + 2)[0], pos + 2 + form.size
-    except (IndexError, KeyError, struct.error):
-        return None
-    if start + n != len(payload) or flag not in (0xC2, 0xC3) or seq > _MAX_SEQ or n > MAX_SEALED:
-        return None
-    return seq, flag == 0xC3, payload[start:]
+    seq, final, box = typing.cast(tuple[int, bool, bytes], parts)  # the fast path's field kinds
+    return (seq, final, box) if seq <= _MAX_SEQ else None
 
 
 def decode_frame(payload: bytes) -> object:
-    """Decode one frame of a sealed stream: a SealedChunk on the fast path, anything else via wire."""
-    parts = chunk_parts(payload)
-    if parts is not None:
-        return SealedChunk(seq=parts[0], final=parts[1], box=parts[2])
-    return wire.decode(payload)  # other messages, and chunks in non-shortest msgpack forms
+    """Decode one frame of a sealed stream (a SealedChunk takes wire's fast path)."""
+    return wire.decode(payload)
