@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -119,9 +120,17 @@ def wallet_addresses(public_key: bytes) -> set[str]:
 class EpochSeeds:
     """Epoch seeds from the chain, fetched ahead and served synchronously."""
 
-    def __init__(self, chain: ChainClient, clock: EpochClock, *, lookback: int = 3) -> None:
+    def __init__(
+        self,
+        chain: ChainClient,
+        clock: EpochClock,
+        *,
+        lookback: int = 3,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
         self.chain = chain
         self.clock = clock
+        self.wall = wall  # the node's wall clock (seconds): which epoch it is
         self.lookback = lookback
         self._seeds: dict[int, bytes] = {}
 
@@ -149,17 +158,13 @@ class EpochSeeds:
         for old in [e for e in self._seeds if e < current - 4]:
             del self._seeds[old]
 
-    async def run(
-        self, now_fn: object = None, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-    ) -> None:
-        import time
-
-        await self.refresh(time.time())
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        await self.refresh(self.wall())
         task_status.started()
         while True:
             await trio.sleep(max(1.0, self.clock.length / 4))
             try:
-                await self.refresh(time.time())
+                await self.refresh(self.wall())
             except NodeError as e:
                 log.warning("could not refresh epoch seeds: %s", e)
 
@@ -224,6 +229,7 @@ def make_directory(
         bootstrap=bootstrap_proxies,
         candidate=candidate,
         settings=timings.market,
+        clock=seeds.wall,
     )
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 
 import trio
 
@@ -83,7 +82,7 @@ class ProxyRole:
         while True:
             try:
                 balance = await self.ctx.payments.chain.get_balance(self.ctx.payments.address)
-                e = clock.epoch_of(time.time())
+                e = clock.epoch_of(self.ctx.wall())
                 for epoch in range(e - 1, e + 3):
                     self._stake_cache[epoch] = balance
             except Exception as e:  # the chain is down: keep the last value, say so
@@ -154,6 +153,7 @@ class ProxyRole:
                 models=self.models,
                 verifier=verifier,
                 settings=self.timings.market,
+                clock=self.ctx.wall,
             )
             self.ctx.payments.set_router(self._route)
             if ov.nat.hop is not None:
@@ -175,7 +175,7 @@ class ProxyRole:
             ("cocoon_proxy", {"figure": "sessions_refused"}, float(self.refused)),
         ]
         if self.service is not None:
-            now = time.time()
+            now = self.ctx.wall()
             for m in sorted(self.service.models):
                 n = len(self.service.core.book.offers(m, now))
                 out.append(("cocoon_proxy", {"figure": "live_offers", "model": m}, float(n)))
@@ -186,7 +186,7 @@ class ProxyRole:
         elected = [p.peer_id for p in self.directory.elected()] if self.directory else []
         offers = {}
         if svc is not None:
-            now = time.time()
+            now = self.ctx.wall()
             offers = {m: len(svc.core.book.offers(m, now)) for m in sorted(svc.models)}
         return {
             "mode": "candidate" if self.candidate else "bootstrap fallback",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 
 import trio
@@ -46,9 +47,12 @@ class NetworkContext:
 
     name = "network"
 
-    def __init__(self, cfg: NodeConfig, timings: NetworkTimings | None = None) -> None:
+    def __init__(
+        self, cfg: NodeConfig, timings: NetworkTimings | None = None, *, wall: Callable[[], float] = time.time
+    ) -> None:
         self.cfg = cfg
         self.timings = timings or timings_for(cfg)
+        self.wall = wall  # the node's wall clock (seconds): epochs, market records, settlement
         self._chain: ChainClient | None = None
         self._seeds: EpochSeeds | None = None
         self._stakes: ChainStakes | None = None
@@ -99,7 +103,7 @@ class NetworkContext:
         async with AsyncExitStack() as stack:
             log.info("connecting to the %s chain ...", self.cfg.chain.backend)
             self._chain = await stack.enter_async_context(open_chain(self.cfg))
-            self._seeds = EpochSeeds(self._chain, self.timings.clock())
+            self._seeds = EpochSeeds(self._chain, self.timings.clock(), wall=self.wall)
             self._stakes = ChainStakes(self._chain)
             c = self.cfg.chain
             try:
@@ -110,7 +114,7 @@ class NetworkContext:
                 ) from e
             wallet = wallet_from_data_dir(self.cfg.data_dir, version, c.network_id)
             self._payments = PaymentManager.from_data_dir(
-                app.overlay, self._chain, self.cfg.data_dir, wallet=wallet
+                app.overlay, self._chain, self.cfg.data_dir, wallet=wallet, clock=self.wall
             )
             stack.callback(self._payments.close_store)
             payments = self._payments
@@ -171,7 +175,7 @@ class NetworkContext:
             return {"chain": self.cfg.chain.backend, "state": "starting"}
         section: dict[str, object] = {
             "chain": self.cfg.chain.backend,
-            "epoch": self.timings.clock().epoch_of(time.time()),
+            "epoch": self.timings.clock().epoch_of(self.wall()),
             "wallet": self._payments.address,
             "wallet_balance_ton": round(self.wallet_balance / TON, 6),
         }

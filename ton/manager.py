@@ -219,10 +219,11 @@ class PaymentManager:
         cfg: PaymentConfig | None = None,
         *,
         wallet: Wallet | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> PaymentManager:
         """The node's manager: channels in ``data_dir/payments.sqlite``, the data dir's wallet."""
         store = SQLiteKVStore(data_dir / "payments.sqlite")
-        return cls(host, chain, wallet or wallet_from_data_dir(data_dir), store, cfg)
+        return cls(host, chain, wallet or wallet_from_data_dir(data_dir), store, cfg, clock=clock)
 
     # ------------------------------------------------------------------ bookkeeping
 
