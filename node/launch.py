@@ -69,7 +69,7 @@ def build_node(cfg: NodeConfig, identity: Identity, network: Network, spec: Node
                 )
             )
         if "worker" in spec.roles:
-            components.append(WorkerRole(cfg, ctx, engine=spec.engine))
+            components.append(WorkerRole(cfg, ctx, engine=spec.engine, bootstrap_proxies=fallback))
         if "client" in spec.roles:
             c = cfg.client
             components.append(

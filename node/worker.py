@@ -29,7 +29,7 @@ from inference.engine import Engine, ModelInfo, error_code
 from inference.messages import FinalChunk, GenerateRequest, TokenChunk
 from inference.select import select_engine
 from inference.service import GenerationService
-from market.directory import Directory
+from market.directory import Directory, ProxyRef
 from market.pricing import PricingPolicy, WorkerProfile
 from market.service import WorkerLoadSample, WorkerService
 from node.tee import ReplayGuard, ReportProvider, SealedStream
@@ -165,9 +165,18 @@ class WorkerRole:
 
     name = "worker"
 
-    def __init__(self, cfg: NodeConfig, ctx: NetworkContext, *, engine: Engine | None = None) -> None:
+    def __init__(
+        self,
+        cfg: NodeConfig,
+        ctx: NetworkContext,
+        *,
+        engine: Engine | None = None,
+        bootstrap_proxies: tuple[ProxyRef, ...] = (),
+    ) -> None:
         self.cfg = cfg
         self.ctx = ctx
+        self.bootstrap_proxies = bootstrap_proxies  # the fallback proxies (and relays) until an election
+        self.addresses: WorkerAddresses | None = None
         self.timings = ctx.timings
         self.engine = engine
         self.info: ModelInfo | None = None
@@ -272,7 +281,12 @@ class WorkerRole:
         clock = self.timings.clock()
         raw = await self._rotate(clock.epoch_of(time.time()))
         directory = self.directory = make_directory(
-            ov, app.identity, self.timings, self.ctx.seeds, self.ctx.stakes
+            ov,
+            app.identity,
+            self.timings,
+            self.ctx.seeds,
+            self.ctx.stakes,
+            bootstrap_proxies=self.bootstrap_proxies,
         )
         self.addresses = WorkerAddresses(ov, directory)
         profile = WorkerProfile(

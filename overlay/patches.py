@@ -42,6 +42,11 @@ Each one is named after its entry in ``shared/notes/libp2p.md``:
   before encrypting and the write itself is shielded, for at most
   ``NOISE_WRITE_TIMEOUT_S`` (yamux's own limit on reading a frame body); a
   write that takes longer closes the connection, which is broken by then.
+- Relay legs: with one connection per peer, a hole-punched connection next to
+  a relayed one makes the swarm trim the connection with fewer streams once the
+  older is past its grace period, which can be the relayed one carrying a
+  generation.  The swarm leaves such pairs alone; ``holepunch.HolePuncher``
+  closes the relay leg once it carries no stream.
 """
 
 from __future__ import annotations
@@ -222,6 +227,17 @@ def _whole_noise_writes(original: Callable[..., Awaitable[None]]) -> Callable[..
     return write_msg
 
 
+def _spare_relay_legs(original: Callable[..., None]) -> Callable[..., None]:
+    def trim(self: Any, peer_id: Any) -> None:
+        from .relay import is_relayed_conn
+
+        if any(is_relayed_conn(c) for c in self.connections.get(peer_id, [])):
+            return  # a relay leg beside a hole-punched connection: HolePuncher closes it once idle
+        original(self, peer_id)
+
+    return trim
+
+
 def apply_libp2p_fixes() -> None:
     """Apply every workaround (idempotent)."""
     global _applied
@@ -271,6 +287,9 @@ def apply_libp2p_fixes() -> None:
     gossipsub.GossipSub._get_peers_to_send = _publish_to_d_peers(  # type: ignore[method-assign,assignment]
         gossipsub.GossipSub._get_peers_to_send
     )
+    from libp2p.network.swarm import Swarm
+
+    Swarm._trim_connections = _spare_relay_legs(Swarm._trim_connections)  # type: ignore[method-assign]
     from libp2p.security.noise import io as noise_io
 
     noise_io.BaseNoiseMsgReadWriter.write_msg = _whole_noise_writes(  # type: ignore[method-assign,assignment]

@@ -34,7 +34,7 @@ import trio
 
 from .addrs import circuit_addr, ip_class, is_circuit, parse_circuit, strip_peer
 from .errors import DialError, NodeError, RemoteProtocolError, TransportError
-from .relaycore import Circuit, Refusal, RelayBook, RelayRefused, Status
+from .relaycore import Circuit, Refusal, RelayBook, RelayRefused, RelayStats, Status
 
 if TYPE_CHECKING:
     from .host import Overlay
@@ -181,6 +181,17 @@ class RelayHop:
         self.policy = policy or (lambda peer: True)
         self.tap = tap  # tests: see every byte the relay carries
         self.wall = wall  # the spec's reservation expiry is a Unix time
+        self._changed = trio.Event()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait_statistics(self, ready: Callable[[RelayStats], bool]) -> RelayStats:
+        """Wait until the relay's figures satisfy ``ready`` (bound it with trio.fail_after)."""
+        while not ready(st := self.book.statistics()):
+            await self._changed.wait()
+        return st
 
     def install(self) -> None:
         self.overlay.set_raw_handler(HOP_PROTOCOL, self._handle)
@@ -223,6 +234,7 @@ class RelayHop:
 
         now = trio.current_time()
         verdict = self.book.reserve(peer, _remote_ip(stream), now, allowed=self.policy(peer))
+        self._notify()
         if isinstance(verdict, Refusal):
             log.info("relay refused a reservation of %s: %s", peer, verdict.reason, extra={"peer_id": peer})
             await _hop_status(stream, verdict.status)
@@ -256,6 +268,7 @@ class RelayHop:
             await _close(stream)
             return
         opened = self.book.open_circuit(src, dst, trio.current_time())
+        self._notify()
         if isinstance(opened, Refusal):
             log.info("relay refused a circuit %s -> %s: %s", src, dst, opened.reason, extra={"peer_id": src})
             await _hop_status(stream, opened.status)
@@ -287,6 +300,7 @@ class RelayHop:
             await self._pipe(circuit, stream, dst_stream)
         finally:
             self.book.close_circuit(circuit)
+            self._notify()
 
     async def _pipe(self, circuit: Circuit, a: Any, b: Any) -> None:
         """Copy bytes both ways until one side ends or a limit is passed."""

@@ -55,7 +55,9 @@ class Net:
         return [n for n in self.nodes.values() if n.name.startswith("worker")]
 
 
-def _config(root: Path, name: str, chain_addr: str, tiny_dir: Path) -> NodeConfig:
+def _config(
+    root: Path, name: str, chain_addr: str, tiny_dir: Path, overlay: dict[str, object] | None = None
+) -> NodeConfig:
     return load_config(
         root / name,
         overrides={
@@ -63,14 +65,20 @@ def _config(root: Path, name: str, chain_addr: str, tiny_dir: Path) -> NodeConfi
             "chain": {"localchain": chain_addr},
             "client": {"api_port": 0, "models": [TINY]},
             "worker": {"model": str(tiny_dir), "max_context": 256},
+            "overlay": dict(overlay or {}),
         },
     )
 
 
 async def _start(
-    net: Net, nursery: trio.Nursery, name: str, roles: tuple[str, ...], tiny_dir: Path
+    net: Net,
+    nursery: trio.Nursery,
+    name: str,
+    roles: tuple[str, ...],
+    tiny_dir: Path,
+    overlay: dict[str, object] | None = None,
 ) -> RunningNode:
-    cfg = _config(net.root, name, net.chain_addr, tiny_dir)
+    cfg = _config(net.root, name, net.chain_addr, tiny_dir, overlay)
     network = Network("devnet", "test", net.bootstrap, "local", net.chain_addr)
     engine = None
     if "worker" in roles:
@@ -99,8 +107,14 @@ async def start_testnet(
     bootstraps: int = 1,
     workers: int = 2,
     client: bool = True,
+    worker_overlay: list[dict[str, object]] | None = None,
+    client_overlay: dict[str, object] | None = None,
 ) -> Net:
-    """Chain, ``bootstraps`` fallback proxies, ``workers`` tiny-model workers and a client."""
+    """Chain, ``bootstraps`` fallback proxies, ``workers`` tiny-model workers and a client.
+
+    ``worker_overlay[i]`` / ``client_overlay`` are ``[overlay]`` config keys for those nodes
+    (``{"listen": False}`` puts a node "behind NAT": nobody can dial it, it is reached through relays).
+    """
     (root / "chain").mkdir(parents=True)
     host, port = await nursery.start(serve_localchain, root / "chain", "127.0.0.1", 0)
     net = Net(root, f"{host}:{port}")
@@ -110,7 +124,8 @@ async def start_testnet(
         boots.append(node.app.overlay.listen_addrs()[0])
         net.bootstrap = tuple(boots)
     for i in range(workers):
-        await _start(net, nursery, f"worker-{i + 1}", ("worker",), tiny_dir)
+        extra = worker_overlay[i] if worker_overlay and i < len(worker_overlay) else None
+        await _start(net, nursery, f"worker-{i + 1}", ("worker",), tiny_dir, extra)
     if client:
-        await _start(net, nursery, "client", ("client",), tiny_dir)
+        await _start(net, nursery, "client", ("client",), tiny_dir, client_overlay)
     return net
