@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 
 
 def engine_status(info: ModelInfo, device_lost: str = "") -> dict[str, object]:
-    """The engine lines of ``cocoon-node status``: weights, batch (= offer capacity), device and its memory."""
+    """The engine lines of ``cocoon-node status``: weights, batch (= offer capacity), device, memory."""
     out: dict[str, object] = {
         "weights": info.weights,
         "batch": info.max_batch,
