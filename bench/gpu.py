@@ -243,7 +243,13 @@ async def through_devnet(
 
     class GpuDevnet(Devnet):
         async def start(
-            self, name: str, args: list[str], nursery: trio.Nursery, timeout: float = 180.0
+            self,
+            name: str,
+            args: list[str],
+            nursery: trio.Nursery,
+            timeout: float = 180.0,
+            *more: Any,  # whatever else Devnet.start takes, passed on
+            **kw: Any,
         ) -> Child:
             if name != "chain":  # proxies and the client serve only the models they are told of
                 args = [*args, "--set", f"client.models={model_dir.name}"]
@@ -257,7 +263,7 @@ async def through_devnet(
                 ]
                 args = [*args, *extra]
                 timeout = 1800.0  # a library's first import builds its extension
-            return await super().start(name, args, nursery, timeout)
+            return await super().start(name, args, nursery, timeout, *more, **kw)
 
     out: dict[int, tuple[float, float]] = {}
     root = Path(tempfile.mkdtemp(prefix="cocoon-bench-gpu-devnet-"))
