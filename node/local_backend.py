@@ -11,7 +11,7 @@ import secrets
 from inference.engine import Engine, ModelInfo, UnknownModel
 from inference.messages import FinalChunk, GenerateRequest, TokenChunk
 
-from .api import Completed, CompletionRequest, EventSender, ModelCard, TextDelta, WorkerUse
+from .completion import Completed, CompletionRequest, EventSender, ModelCard, TextDelta, WorkerUse
 
 __all__ = ["EngineBackend", "to_generate_request"]
 

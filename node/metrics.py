@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import trio
 
 if TYPE_CHECKING:
-    from .api import Completed
+    from .completion import Completed
 
 __all__ = ["Counter", "Gauge", "Metrics", "Sample", "serve_metrics"]
 
@@ -133,7 +133,7 @@ async def serve_metrics(
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``GET /metrics`` on host:port (for nodes without the client API)."""
-    from .api import serve_api
+    from .asgi import serve_api
 
     async def app(scope: dict[str, object], receive: object, send: object) -> None:
         if scope["type"] == "lifespan":
