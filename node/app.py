@@ -156,7 +156,16 @@ class NodeApp:
         ]
 
     async def action(self, name: str) -> str:
-        """A control action (``cocoon-node`` or the devnet asks): handled by the first component that can."""
+        """A control action (``cocoon-node`` or the devnet asks): handled by the first component that can.
+
+        ``wait-punch`` (the node's own): wait up to a minute for the first hole punch to end, either way.
+        """
+        if name == "wait-punch":
+            with trio.move_on_after(60):
+                p = await self.overlay.nat.punch.wait_punched(1)
+                legs = p.relay_legs_closed
+                return f"hole punches: {p.direct} direct, {p.failed} failed, {legs} relay legs closed"
+            return "no hole punch ended within 60 s"
         for c in self.components:
             handler = getattr(c, "action", None)
             if handler is not None:

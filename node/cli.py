@@ -129,6 +129,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--proxies", type=int, default=3, help="proxy candidates (default 3)")
     p.add_argument("--api-port", type=int, default=8080, help="the client API port (default 8080)")
     p.add_argument("--demo", action="store_true", help="ask one question end to end, settle, and stop")
+    p.add_argument(
+        "--nat",
+        action="store_true",
+        help="root: put every worker and the client in a home behind its own NAT (network namespaces)",
+    )
+    p.add_argument(
+        "--nat-type",
+        choices=("cone", "symmetric"),
+        default="cone",
+        help="the homes' NAT: cone (hole punching works) or symmetric (traffic stays relayed)",
+    )
 
     p = sub.add_parser("peers", help="list the peers of the running node")
     _common(p)

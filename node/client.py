@@ -286,7 +286,8 @@ class NetworkBackend:
         """A stream to ``worker``: one opened ahead of time if fresh, else a new one."""
         warm = self._warm.pop(worker, None)
         if warm is not None:
-            if time.monotonic() - warm[1] < self.settings.warm_ttl:
+            fresh = time.monotonic() - warm[1] < self.settings.warm_ttl
+            if fresh and not self.overlay.superseded(warm[0]):
                 return warm[0]
             await warm[0].reset()
         return await self.overlay.open_stream(worker, GENERATE_SEALED, addrs=addrs)

@@ -9,11 +9,19 @@ reverse order, cleanly.
 
 ``--demo`` asks one question end to end through the API, shows the answer, the
 tokens and what was paid, settles every channel on the local chain, and stops.
+
+``--nat`` (root) builds the topology of :mod:`node.netns` first and runs each
+node in its own network namespace: the chain, the bootstrap node and the proxy
+candidates on public hosts, every worker and the client in a home behind its
+own NAT.  Workers are then reached through relays on the proxies (and hole
+punched where the NAT allows); the client's API is forwarded to this machine's
+loopback, so it is used exactly as without ``--nat``.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import signal
 import socket
@@ -27,10 +35,11 @@ import attrs
 import httpx
 import trio
 
-from overlay.errors import NodeError
+from overlay.errors import ConfigError, NodeError
 
 from .ask import TON, stream_chat
 from .control import ask_action, ask_status
+from .netns import Home, Topology, namespaces_available
 from .networks import devnet_bootstrap_identity, load_networks
 
 __all__ = ["Devnet", "cmd_devnet"]
@@ -55,6 +64,7 @@ class Child:
     data_dir: Path
     proc: trio.Process
     log_path: Path
+    ns: str = ""  # network namespace (devnet --nat)
     ready: trio.Event = attrs.field(factory=trio.Event)
     lines: list[str] = attrs.field(factory=list)
 
@@ -62,11 +72,25 @@ class Child:
 class Devnet:
     """The processes of one devnet (see the module docstring)."""
 
-    def __init__(self, root: Path, *, workers: int = 2, proxies: int = 3, api_port: int = 8080) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        workers: int = 2,
+        proxies: int = 3,
+        api_port: int = 8080,
+        nat: tuple[Home, ...] | None = None,
+        extra: dict[str, list[str]] | None = None,
+    ) -> None:
         self.root = root
         self.workers = workers
         self.proxies = proxies
         self.api_port = api_port
+        self.extra = extra or {}  # per node name: more command-line arguments
+        self.topology: Topology | None = None
+        if nat is not None:
+            homes = (nat + (Home(),) * (workers + 1))[: workers + 1]  # a home per worker, one for the client
+            self.topology = Topology.for_run(1 + proxies, homes)
         self.children: list[Child] = []
         self.chain_addr = ""
         self.boot_addr = ""
@@ -96,17 +120,22 @@ class Devnet:
                     if text.startswith(READY):
                         child.ready.set()
 
-    async def start(self, name: str, args: list[str], nursery: trio.Nursery, timeout: float = 180.0) -> Child:
+    async def start(
+        self, name: str, args: list[str], nursery: trio.Nursery, timeout: float = 180.0, ns: str = ""
+    ) -> Child:
         data_dir = self.root / name
         data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         log_path = self.root / "logs" / f"{name}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "node.cli", *args, "--data-dir", str(data_dir), "--network", "devnet"]
+        cmd += self.extra.get(name, [])
+        if ns and self.topology is not None:
+            cmd = [*self.topology.exec_prefix(ns), *cmd]
         with log_path.open("ab") as err:
             proc = await trio.lowlevel.open_process(
                 cmd, stdout=subprocess.PIPE, stderr=err, env=self._env(), start_new_session=True
             )
-        child = Child(name, data_dir, proc, log_path)
+        child = Child(name, data_dir, proc, log_path, ns)
         self.children.append(child)
         nursery.start_soon(self._pump, child, nursery)
         with trio.move_on_after(timeout) as scope:
@@ -126,6 +155,9 @@ class Devnet:
         return child
 
     async def up(self, nursery: trio.Nursery) -> None:
+        if self.topology is not None:
+            await self._up_nat(nursery)
+            return
         chain_port = _free_port(4790)
         boot_port = _free_port(4701)
         self.api_port = _free_port(self.api_port)
@@ -133,16 +165,7 @@ class Devnet:
         net = load_networks()["devnet"]
         boot_id = devnet_bootstrap_identity(net).peer_id
         self.boot_addr = f"/ip4/127.0.0.1/tcp/{boot_port}/p2p/{boot_id}"
-        boot_file = self.root / "bootstrap.toml"
-        boot_file.write_text(
-            "# written by cocoon-node devnet: this devnet's bootstrap node\n"
-            "[networks.devnet]\n"
-            'description = "a devnet on loopback"\n'
-            f'bootstrap = ["{self.boot_addr}"]\n'
-            f'devnet_seed = "{net.devnet_seed}"\n'
-            'chain = "local"\n'
-            f'localchain = "{self.chain_addr}"\n'
-        )
+        boot_file = self._bootstrap_file(net.devnet_seed)
         chain = ["--set", f"chain.localchain={self.chain_addr}", "--bootstrap-file", str(boot_file)]
         boot: list[str] = []
         print(f"starting a devnet in {self.root}", flush=True)
@@ -158,6 +181,68 @@ class Devnet:
             for i in range(1, self.workers + 1):
                 batch.start_soon(self.start, f"worker-{i}", ["join", "--worker", *boot, *chain], nursery)
         await self.start("client", ["client", "--api-port", str(self.api_port), *boot, *chain], nursery)
+        self.api = f"http://127.0.0.1:{self.api_port}"
+
+    def _bootstrap_file(self, seed: str) -> Path:
+        self.root.mkdir(parents=True, exist_ok=True)
+        boot_file = self.root / "bootstrap.toml"
+        boot_file.write_text(
+            "# written by cocoon-node devnet: this devnet's bootstrap node\n"
+            "[networks.devnet]\n"
+            'description = "a devnet on loopback"\n'
+            f'bootstrap = ["{self.boot_addr}"]\n'
+            f'devnet_seed = "{seed}"\n'
+            'chain = "local"\n'
+            f'localchain = "{self.chain_addr}"\n'
+        )
+        return boot_file
+
+    async def _up_nat(self, nursery: trio.Nursery) -> None:
+        """Every node in its namespace (see the module docstring); the API forwarded to loopback."""
+        from .netns import forward_into
+
+        topo = self.topology
+        assert topo is not None
+        print(f"building the NAT topology {topo.prefix} (namespaces {topo.prefix}-*) ...", flush=True)
+        await trio.to_thread.run_sync(topo.up)
+        pub = topo.public_ip(1)
+        self.chain_addr = f"{pub}:4790"
+        net = load_networks()["devnet"]
+        boot_id = devnet_bootstrap_identity(net).peer_id
+        self.boot_addr = f"/ip4/{pub}/tcp/4701/p2p/{boot_id}"
+        boot_file = self._bootstrap_file(net.devnet_seed)
+        chain = ["--set", f"chain.localchain={self.chain_addr}", "--bootstrap-file", str(boot_file)]
+        print(f"starting a devnet behind NAT in {self.root}", flush=True)
+        chain_args = ["localchain", "--host", pub, "--port", "4790"]
+        await self.start("chain", chain_args, nursery, ns=topo.ns_public(1))
+        await self.start(
+            "bootstrap",
+            ["bootstrap", "--devnet-key", "--host", pub, "--port", "4701", *chain],
+            nursery,
+            ns=topo.ns_public(1),
+        )
+        anywhere = ["--set", "overlay.listen_host=0.0.0.0"]
+        async with trio.open_nursery() as batch:
+            for i in range(1, self.proxies + 1):
+                host = ["--set", f"overlay.listen_host={topo.public_ip(1 + i)}"]
+                batch.start_soon(
+                    functools.partial(
+                        self.start, f"proxy-{i}", ["join", "--proxy-candidate", *host, *chain], nursery,
+                        ns=topo.ns_public(1 + i),
+                    )
+                )  # fmt: skip
+            for i in range(1, self.workers + 1):
+                batch.start_soon(
+                    functools.partial(
+                        self.start, f"worker-{i}", ["join", "--worker", *anywhere, *chain], nursery,
+                        ns=topo.ns_home(i),
+                    )
+                )  # fmt: skip
+        client_ns = topo.ns_home(self.workers + 1)
+        await self.start("client", ["client", "--api-port", "8080", *anywhere, *chain], nursery, ns=client_ns)
+        self.api_port = await nursery.start(
+            functools.partial(forward_into, client_ns, 8080, listen_port=_free_port(self.api_port))
+        )
         self.api = f"http://127.0.0.1:{self.api_port}"
 
     async def wait_offers(self, n: int, timeout: float = 120.0) -> int:
@@ -186,6 +271,9 @@ class Devnet:
                 if child.proc.returncode is None:
                     child.proc.kill()
                     await child.proc.wait()
+        if self.topology is not None:
+            await trio.to_thread.run_sync(self.topology.down)
+            print(f"NAT topology {self.topology.prefix} removed", flush=True)
         print("devnet stopped", flush=True)
 
     def usage(self) -> str:
@@ -278,7 +366,13 @@ async def run_demo(net: Devnet, question: str) -> None:
 def cmd_devnet(args: argparse.Namespace) -> int:
     root = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="cocoon-devnet-"))
     root.mkdir(parents=True, exist_ok=True)
-    net = Devnet(root, workers=args.workers, proxies=args.proxies, api_port=args.api_port)
+    nat = None
+    if getattr(args, "nat", False):
+        ok, why = namespaces_available()
+        if not ok:
+            raise ConfigError(f"devnet --nat: {why} (run it as root on Linux with iproute2 and nftables)")
+        nat = tuple(Home(args.nat_type) for _ in range(args.workers + 1))
+    net = Devnet(root, workers=args.workers, proxies=args.proxies, api_port=args.api_port, nat=nat)
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:

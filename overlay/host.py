@@ -266,6 +266,14 @@ class Overlay:
             return []
         return list(conns)
 
+    def superseded(self, stream: FramedStream) -> bool:
+        """Whether ``stream`` runs over a relay while a direct connection to its peer exists (open anew)."""
+        from .relay import is_relayed_conn
+
+        if not is_relayed_conn(stream.raw):
+            return False
+        return any(not is_relayed_conn(c) for c in self.connections_of(stream.peer_id))
+
     def speaks(self, peer_id: str, protocol: str) -> bool:
         """Whether ``peer_id`` announced ``protocol`` (identify)."""
         from libp2p.peer.id import ID
