@@ -393,7 +393,9 @@ class NetworkBackend:
                     paying = True
                     progress.mark("payment")
                     validator = ChunkValidator(gen)
-                    use = WorkerUse(o.peer_id, o.tier, 0, prices.cost(quote.prompt_tokens, 0))
+                    info = self.overlay.connection_info(framed)
+                    path = "relayed" if info is not None and info.relayed else "direct"
+                    use = WorkerUse(o.peer_id, o.tier, 0, prices.cost(quote.prompt_tokens, 0), path)
                     progress.workers.append(use)
                     if not progress.prompt_tokens:
                         progress.prompt_tokens = quote.prompt_tokens

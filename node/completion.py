@@ -73,6 +73,7 @@ class WorkerUse:
     tier: str
     completion_tokens: int
     cost_nanoton: int
+    path: str = "direct"  # how the client reached the worker: direct | relayed
 
 
 @attrs.frozen

@@ -99,6 +99,7 @@ async def test_a_worker_behind_nat_is_reached_through_the_relay_which_sees_ciphe
         assert answer["usage"]["completion_tokens"] >= 1
         assert answer["usage"]["cost_nanoton"] > 0
         assert answer["cocoon"]["worker"] == worker.peer_id
+        assert answer["cocoon"]["workers"][0]["path"] == "relayed"
 
         client = net.node("client").app.overlay
         conns = client.connections_of(worker.peer_id)
