@@ -20,6 +20,13 @@ sysdeps:
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q build-essential libgmp-dev python3-dev; \
 	fi
+	@# nftables and iproute2 for the NAT tests and `devnet --nat` (network namespaces, as root); the tests
+	@# skip with the reason where they cannot be installed or namespaces are refused.
+	@if [ "$$(id -u)" = 0 ] && ! { command -v nft && command -v ip; } >/dev/null 2>&1; then \
+	  echo "installing nftables and iproute2 (NAT tests in network namespaces)"; \
+	  { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q nftables iproute2; } \
+	    || echo "could not install nftables/iproute2: the NAT namespace tests will be skipped"; \
+	fi
 
 $(STAMP): pyproject.toml | sysdeps
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' || { echo "need Python 3.11 (pytvm has wheels up to 3.11); set PYTHON=/path/to/python3.11"; exit 1; }

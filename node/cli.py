@@ -96,6 +96,18 @@ def build_parser() -> argparse.ArgumentParser:
             "--bootstrap", action="append", default=[], metavar="MULTIADDR", help="extra bootstrap peer"
         )
         p.add_argument("--port", type=int, default=None, help="TCP port to listen on (default: any)")
+        p.add_argument(
+            "--host",
+            default=None,
+            help="address to listen on (default: all interfaces; devnet: loopback)",
+        )
+        p.add_argument(
+            "--announce",
+            action="append",
+            default=[],
+            metavar="MULTIADDR",
+            help="an address others should dial (e.g. /ip4/<public ip>/tcp/<forwarded port>)",
+        )
         p.add_argument("--dht-client", action="store_true", help="DHT client mode (behind NAT)")
         if name == "join":
             p.add_argument("--worker", action="store_true", help="sell inference from a local model")
@@ -165,6 +177,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, dict[str, object]]:
     host = getattr(args, "host", None)
     if host:
         out.setdefault("overlay", {})["listen_host"] = host
+    if getattr(args, "announce", None):
+        out.setdefault("overlay", {})["announce"] = list(args.announce)
     if getattr(args, "dht_client", False):
         out.setdefault("overlay", {})["dht_mode"] = "client"
     if getattr(args, "model", None) and args.command == "join":

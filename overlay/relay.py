@@ -360,6 +360,13 @@ class RelayClient:
         self.reservations: dict[str, Reservation] = {}
         self.accepted = 0  # circuits accepted as destination
         self.dialled = 0  # circuits opened as source
+        self.reserved = 0  # reservations granted to us, renewals included
+        self._reserved_event = trio.Event()
+
+    async def wait_reserved(self, n: int) -> None:
+        """Wait until ``n`` reservations (renewals included) were granted to us (bound it with fail_after)."""
+        while self.reserved < n:
+            await self._reserved_event.wait()
 
     def install(self) -> None:
         self.overlay.set_raw_handler(STOP_PROTOCOL, self._handle_stop)
@@ -414,6 +421,9 @@ class RelayClient:
             int(answer.limit.data),
         )
         self.reservations[relay] = r
+        self.reserved += 1
+        self._reserved_event.set()
+        self._reserved_event = trio.Event()
         return r
 
     def drop(self, relay: str) -> None:

@@ -317,6 +317,28 @@ async def test_malformed_and_unexpected_relay_messages() -> None:
         assert relay.nat.book.statistics().circuits == 0
 
 
+async def test_reservations_are_renewed_before_they_lapse() -> None:
+    from overlay.reserve import KeeperCore, RelayRef, ReservationKeeper
+
+    async with AsyncExitStack() as stack:
+        relay, hidden, _ = await _relay_trio(stack, RelayLimits(reservation_ttl_s=2.0, reserve_rate=100))
+        relay_addr = relay.listen_addrs()[0].rsplit("/p2p/", 1)[0]
+        keeper = ReservationKeeper(
+            hidden.nat.client,
+            lambda: [RelayRef(relay.peer_id, (relay_addr,))],
+            core=KeeperCore(renew_fraction=0.5, renew_margin_s=0.5),
+        )
+        async with trio.open_nursery() as n:
+            await n.start(keeper.run)
+            with trio.fail_after(20):
+                addrs = await keeper.wait_addrs(1)
+                assert addrs[0].endswith(f"/p2p/{relay.peer_id}/p2p-circuit")
+                await hidden.nat.client.wait_reserved(4)  # three renewals, each before the 2 s expiry
+            assert relay.nat.book.has_reservation(hidden.peer_id, trio.current_time())
+            assert keeper.circuit_addrs() == addrs  # the address never dropped out
+            n.cancel_scope.cancel()
+
+
 def test_relay_policy_serves_only_its_own_workers() -> None:
     """One peer reserving on many relays: after an election only its attached proxies grant one."""
 
