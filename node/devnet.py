@@ -88,9 +88,21 @@ class Devnet:
         self.api_port = api_port
         self.extra = extra or {}  # per node name: more command-line arguments
         self.topology: Topology | None = None
+        self._places: dict[str, tuple[str, str]] = {}  # node -> (namespace, listen host)
         if nat is not None:
             homes = (nat + (Home(),) * (workers + 1))[: workers + 1]  # a home per worker, one for the client
-            self.topology = Topology.for_run(1 + proxies, homes)
+            public = [i for i, h in enumerate(homes[:workers], 1) if h.nat == "public"]  # not behind NAT
+            behind = [h for h in homes if h.nat != "public"]
+            topo = self.topology = Topology.for_run(1 + proxies + len(public), tuple(behind))
+            k = 0
+            for i in range(1, workers + 2):
+                name = f"worker-{i}" if i <= workers else "client"
+                if i in public:
+                    j = 2 + proxies + public.index(i)
+                    self._places[name] = (topo.ns_public(j), topo.public_ip(j))
+                else:
+                    k += 1
+                    self._places[name] = (topo.ns_home(k), "0.0.0.0")
         self.children: list[Child] = []
         self.chain_addr = ""
         self.boot_addr = ""
@@ -232,13 +244,14 @@ class Devnet:
                     )
                 )  # fmt: skip
             for i in range(1, self.workers + 1):
+                ns, where = self._places[f"worker-{i}"]
+                listen = ["--set", f"overlay.listen_host={where}"]
                 batch.start_soon(
                     functools.partial(
-                        self.start, f"worker-{i}", ["join", "--worker", *anywhere, *chain], nursery,
-                        ns=topo.ns_home(i),
+                        self.start, f"worker-{i}", ["join", "--worker", *listen, *chain], nursery, ns=ns
                     )
-                )  # fmt: skip
-        client_ns = topo.ns_home(self.workers + 1)
+                )
+        client_ns = self._places["client"][0]
         await self.start("client", ["client", "--api-port", "8080", *anywhere, *chain], nursery, ns=client_ns)
         self.api_port = await nursery.start(
             functools.partial(forward_into, client_ns, 8080, listen_port=_free_port(self.api_port))

@@ -71,7 +71,7 @@ def namespaces_available() -> tuple[bool, str]:
 
 @attrs.frozen
 class Home:
-    nat: str = "cone"  # cone | symmetric
+    nat: str = "cone"  # cone | symmetric | public (devnet: the node goes on a public host, no NAT)
 
 
 @attrs.define
