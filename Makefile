@@ -57,7 +57,8 @@ demo: setup
 	$(BIN)/cocoon-node devnet --demo
 
 bench: setup
-	for b in bench/*.py; do $(BIN)/python $$b || exit 1; done
+	@# exit code 2: the benchmark cannot run on this machine (no GPU, no network namespaces); it says why
+	for b in bench/*.py; do rc=0; $(BIN)/python $$b || rc=$$?; [ $$rc = 0 ] || [ $$rc = 2 ] || exit 1; done
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache
